@@ -1,0 +1,289 @@
+"""The data plane's handler: route an inference request to a version and relay the backend's answer.
+
+Bodies are never decoded: the request body goes upstream as the chunks it arrived in, the response body
+comes back as the chunks the backend sent, so JSON and binary tensors pass through untouched. Only the
+path changes (the public model and version become Triton's model name and number) and the headers that
+belong to one hop are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from typing import Any
+
+from gateway import control
+from gateway.http_server import ClientConnection, Headers, Request
+from gateway.routing import Endpoint, Router, parse_path
+from gateway.table import Model, RouteTable, Version
+from gateway.upstream import Failure, Pool, UpstreamConnection
+
+log = logging.getLogger("gateway.proxy")
+
+# RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
+HOP_BY_HOP = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade")
+)
+# Rebuilt by the gateway, or secrets the backend has no business seeing.
+_DROP_REQUEST = HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"expect",
+    b"x-forwarded-for",
+    b"x-request-id",
+    b"x-model-version",
+    b"authorization",
+    b"x-api-key",
+    b"proxy-authorization",
+}
+_DROP_RESPONSE = HOP_BY_HOP | {b"content-length", b"x-model-version", b"x-request-id", b"proxy-authenticate"}
+_JSON = (b"content-type", b"application/json")
+MAX_REQUEST_ID = 200
+
+
+def error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+def request_id_of(request: Request) -> bytes:
+    """The caller's X-Request-Id when it is a sane token, else a new random one."""
+    given = request.header(b"x-request-id")
+    if given is not None and 0 < len(given) <= MAX_REQUEST_ID and given.isascii() and b" " not in given:
+        printable = all(33 <= byte <= 126 for byte in given)
+        if printable:
+            return given
+    return os.urandom(16).hex().encode()
+
+
+class _VersionRoute:
+    """What the proxy needs to reach one version, precomputed as bytes when the table is loaded."""
+
+    __slots__ = ("host", "id", "path", "pool", "version")
+
+    def __init__(self, version: Version, pool: Pool) -> None:
+        self.version = version
+        self.pool = pool
+        self.id = version.id.encode()
+        backend = pool.backend
+        self.host = f"{backend.host}:{backend.port}".encode()
+        if version.triton_version:
+            path = f"/v2/models/{version.triton_model}/versions/{version.triton_version}/infer"
+        else:
+            path = f"/v2/models/{version.triton_model}/infer"
+        self.path = path.encode()
+
+
+class Gateway:
+    """Routes and forwards requests for one routing table at a time."""
+
+    def __init__(self, table: RouteTable, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.control = control.Control()
+        self._pools: dict[str, Pool] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.table = table
+        self.router = Router(table)
+        self._routes: dict[tuple[str, str], _VersionRoute] = {}
+        self.set_table(table)
+
+    def set_table(self, table: RouteTable) -> None:
+        """Serve a new table; requests in flight finish with the pools they started on."""
+        pools = {}
+        for name, backend in table.backends.items():
+            pool = self._pools.get(name)
+            pools[name] = pool if pool is not None and pool.backend == backend else Pool(backend, self.loop)
+        for name, pool in self._pools.items():
+            if pools.get(name) is not pool:
+                pool.close()
+        self._pools = pools
+        self._routes = {
+            (model.name, version.id): _VersionRoute(version, pools[version.backend])
+            for model in table.models.values()
+            for version in model.versions.values()
+        }
+        self.table = table
+        self.router = Router(table)
+
+    async def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        await self.control.close()
+
+    # -- the request path --------------------------------------------------------------------------
+
+    def handle(self, request: Request, conn: ClientConnection) -> None:
+        target = parse_path(request.path)
+        if target is None:
+            self.respond_error(conn, 404, f"no such endpoint: {request.path}")
+            return
+        if target.endpoint is not Endpoint.INFER:
+            if request.method not in ("GET", "HEAD"):
+                self.respond_error(conn, 405, f"{request.path} accepts GET, not {request.method}")
+                return
+            self._spawn(self._serve_control(request, conn, target.endpoint, target.model, target.version))
+            return
+        if request.method != "POST":
+            self.respond_error(conn, 405, f"inference takes POST, not {request.method}")
+            return
+        model = self.table.models.get(target.model)
+        if model is None:
+            self.respond_error(conn, 404, self._unknown_model(target.model))
+            return
+        pin = target.version or (request.header(b"x-model-version") or b"").decode("latin-1")
+        version = self._pick(model, pin, request)
+        if version is None:
+            if pin:
+                message = f"model {model.name} has no version or alias {pin!r}; versions: " + ", ".join(model.versions)
+                self.respond_error(conn, 404, message)
+            else:
+                self.respond_error(conn, 503, f"no version of model {model.name} is taking traffic")
+            return
+        route = self._routes[(model.name, version.id)]
+        exchange = ProxyExchange(self, conn, route, request_id_of(request))
+        exchange.start(self._upstream_request(request, route, exchange.request_id))
+
+    def _pick(self, model: Model, pin: str, request: Request) -> Version | None:
+        if pin:
+            return model.resolve(pin)
+        sticky = request.header(model.sticky_header.encode()) if model.sticky_header else None
+        return self.router.choose(model, sticky)
+
+    def _upstream_request(self, request: Request, route: _VersionRoute, request_id: bytes) -> list[bytes]:
+        path = route.path if not request.query else route.path + b"?" + request.query.encode("latin-1")
+        head = [b"POST ", path, b" HTTP/1.1\r\nhost: ", route.host, b"\r\n"]
+        forwarded_for = None
+        drop = _DROP_REQUEST
+        connection = request.header(b"connection")
+        if connection is not None and connection.lower() not in (b"close", b"keep-alive"):
+            # Headers named in Connection are hop-by-hop too (RFC 9110 section 7.6.1).
+            drop = drop | {token.strip().lower() for token in connection.split(b",")}
+        for name, value in request.headers:
+            if name in drop:
+                if name == b"x-forwarded-for":
+                    forwarded_for = value
+                continue
+            head += (name, b": ", value, b"\r\n")
+        client = request.client.encode()
+        head += (
+            b"x-forwarded-for: ",
+            forwarded_for + b", " + client if forwarded_for else client,
+            b"\r\nx-request-id: ",
+            request_id,
+            b"\r\ncontent-length: %d\r\n\r\n" % request.body_size,
+        )
+        return [b"".join(head), *request.body]
+
+    def respond_error(
+        self, conn: ClientConnection, status: int, message: str, extra: Headers | None = None
+    ) -> None:
+        headers = [_JSON]
+        if extra:
+            headers += extra
+        conn.respond(status, headers, error_body(message))
+
+    def _unknown_model(self, name: str) -> str:
+        known = ", ".join(sorted(self.table.models)) or "none"
+        return f"unknown model {name!r}; models served here: {known}"
+
+    # -- metadata, readiness and health (rare; through aiohttp) ------------------------------------
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = self.loop.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_control(
+        self, request: Request, conn: ClientConnection, endpoint: Endpoint, model: str, version: str
+    ) -> None:
+        try:
+            status, payload = await self.control.answer(self.table, self.router, endpoint, model, version)
+        except Exception:  # a bug here must not leave the client hanging
+            log.exception("error answering %s", request.path)
+            status, payload = 500, {"error": "internal error"}
+        if conn.closed:
+            return
+        body = b"" if request.method == "HEAD" else json.dumps(payload).encode()
+        conn.respond(status, [_JSON, (b"x-request-id", request_id_of(request))], body)
+
+
+class ProxyExchange:
+    """One inference request on its way to a backend and back."""
+
+    __slots__ = ("_gateway", "_route", "_started", "_upstream", "conn", "request_id")
+
+    def __init__(self, gateway: Gateway, conn: ClientConnection, route: _VersionRoute, request_id: bytes):
+        self._gateway = gateway
+        self.conn = conn
+        self._route = route
+        self.request_id = request_id
+        self._upstream: UpstreamConnection | None = None
+        self._started = False
+
+    def start(self, payload: list[bytes]) -> None:
+        self.conn.on_lost = self.client_lost
+
+        def connected(upstream: UpstreamConnection | None, why: str) -> None:
+            if upstream is None:
+                self._fail(503, why)
+            elif self.conn.closed:
+                self._route.pool.release(upstream)
+            else:
+                self._upstream = upstream
+                self.conn.flow = self
+                upstream.send(payload, self)
+                if self.conn.write_paused:
+                    upstream.pause_reading()
+
+        self._route.pool.acquire(connected)
+
+    # -- UpstreamListener --------------------------------------------------------------------------
+
+    def upstream_headers(self, status: int, headers: Headers, content_length: int | None) -> None:
+        self._started = True
+        drop = _DROP_RESPONSE
+        for name, value in headers:
+            if name == b"connection":
+                drop = drop | {token.strip().lower() for token in value.split(b",")}
+        out = [header for header in headers if header[0] not in drop]
+        out += ((b"x-model-version", self._route.id), (b"x-request-id", self.request_id))
+        self.conn.start_response(status, out, content_length)
+
+    def upstream_body(self, data: bytes) -> None:
+        self.conn.write(data)
+
+    def upstream_done(self) -> None:
+        self._upstream = None
+        if not self.conn.closed:
+            self.conn.end_response()
+
+    def upstream_failed(self, failure: Failure, detail: str) -> None:
+        self._upstream = None
+        if self.conn.closed:
+            return
+        if self._started:
+            self.conn.abort()  # the client has part of a response; closing is the only honest signal
+            return
+        self._fail(504 if failure is Failure.TIMEOUT else 502, detail)
+
+    # -- FlowListener: the client is slower than the backend ---------------------------------------
+
+    def pause_source(self) -> None:
+        if self._upstream is not None:
+            self._upstream.pause_reading()
+
+    def resume_source(self) -> None:
+        if self._upstream is not None:
+            self._upstream.resume_reading()
+
+    def client_lost(self) -> None:
+        if self._upstream is not None:
+            self._upstream.abandon()
+            self._upstream = None
+
+    def _fail(self, status: int, message: str) -> None:
+        if self.conn.closed:
+            return
+        extra = [(b"x-model-version", self._route.id), (b"x-request-id", self.request_id)]
+        self._gateway.respond_error(self.conn, status, message, extra)

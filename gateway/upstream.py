@@ -1,0 +1,268 @@
+"""Pooled keep-alive HTTP/1.1 connections to backends, with responses parsed by httptools.
+
+The pool hands out connections through callbacks rather than awaitables: when an idle connection is
+there (the common case under load) the request is written in the same call, with no task or future.
+Only opening a new connection needs a task. A connection that fails, times out or is abandoned midway
+is closed, never returned to the pool.
+
+There is deliberately no retry: a request may have reached the model before its connection failed,
+and inference is not always idempotent. Idle connections are evicted before a typical server's
+keep-alive timeout so that a request rarely meets a connection the server is about to close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from enum import Enum
+from typing import Protocol, cast
+
+import httptools
+
+from gateway.table import Backend
+
+Headers = list[tuple[bytes, bytes]]
+
+IDLE_TIMEOUT = 30.0  # seconds an idle pooled connection is kept
+
+
+class Failure(Enum):
+    CONNECT = "connect"  # nothing reached the backend
+    TIMEOUT = "timeout"
+    CLOSED = "closed"  # the backend closed the connection before the response was complete
+    PROTOCOL = "protocol"  # the backend sent something that is not HTTP/1.1
+
+
+class UpstreamListener(Protocol):
+    """Receives one upstream response."""
+
+    def upstream_headers(self, status: int, headers: Headers, content_length: int | None) -> None: ...
+
+    def upstream_body(self, data: bytes) -> None: ...
+
+    def upstream_done(self) -> None: ...
+
+    def upstream_failed(self, failure: Failure, detail: str) -> None: ...
+
+
+Acquired = Callable[["UpstreamConnection | None", str], None]
+
+
+class UpstreamConnection(asyncio.Protocol):
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._listener: UpstreamListener | None = None
+        self._headers: Headers = []
+        self._content_length: int | None = None
+        self._chunked = False
+        self._headers_done = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self.idle_since = 0.0
+
+    # -- use by the proxy --------------------------------------------------------------------------
+
+    def send(self, data: list[bytes], listener: UpstreamListener) -> None:
+        """Write one request and deliver its response to `listener`."""
+        assert self._transport is not None and self._listener is None
+        self._listener = listener
+        self._headers = []
+        self._content_length = None
+        self._chunked = False
+        self._headers_done = False
+        self._timer = self._pool.loop.call_later(self._pool.backend.timeout, self._on_timeout)
+        self._transport.writelines(data)
+
+    def abandon(self) -> None:
+        """The caller no longer wants the response in flight; the connection cannot be reused."""
+        self._listener = None
+        self._close()
+
+    def pause_reading(self) -> None:
+        if self._transport is not None and not self._closed:
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None and not self._closed:
+            self._transport.resume_reading()
+
+    # -- asyncio.Protocol --------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(Failure.PROTOCOL, f"invalid HTTP response: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._cancel_timer()
+        self._pool.discard(self)
+        if self._listener is None:
+            return
+        if self._headers_done and self._content_length is None and not self._chunked:
+            # A response without length or chunking ends when the connection does.
+            self._finish(reusable=False)
+        else:
+            self._fail(Failure.CLOSED, "the backend closed the connection before the response was complete")
+
+    # -- httptools callbacks -----------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self._headers_done = True
+        for name, value in self._headers:
+            if name == b"content-length":
+                self._content_length = int(value)
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                self._chunked = True
+        if self._listener is not None:
+            status = self._parser.get_status_code()
+            self._listener.upstream_headers(status, self._headers, self._content_length)
+
+    def on_body(self, body: bytes) -> None:
+        if self._listener is not None:
+            self._listener.upstream_body(body)
+
+    def on_message_complete(self) -> None:
+        self._finish(reusable=self._parser.should_keep_alive())
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _finish(self, reusable: bool) -> None:
+        self._cancel_timer()
+        listener, self._listener = self._listener, None
+        if reusable and not self._closed:
+            self._pool.release(self)
+        else:
+            self._close()
+        if listener is not None:
+            listener.upstream_done()
+
+    def _fail(self, failure: Failure, detail: str) -> None:
+        listener, self._listener = self._listener, None
+        self._close()
+        if listener is not None:
+            listener.upstream_failed(failure, detail)
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        timeout = self._pool.backend.timeout
+        self._fail(Failure.TIMEOUT, f"backend {self._pool.backend.name} did not answer within {timeout:g}s")
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _close(self) -> None:
+        self._cancel_timer()
+        if not self._closed:
+            self._closed = True
+            if self._transport is not None:
+                self._transport.close()
+            self._pool.discard(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+class Pool:
+    """Keep-alive connections to one backend, at most `backend.max_connections` at a time."""
+
+    def __init__(self, backend: Backend, loop: asyncio.AbstractEventLoop) -> None:
+        self.backend = backend
+        self.loop = loop
+        self._idle: list[UpstreamConnection] = []
+        self._all: set[UpstreamConnection] = set()
+        self._opening = 0
+        self._waiters: deque[Acquired] = deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return len(self._all) + self._opening
+
+    def acquire(self, callback: Acquired) -> None:
+        """Call `callback(connection, "")` with a ready connection, or `callback(None, why)`."""
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed:
+                callback(connection, "")
+                return
+        if self.size < self.backend.max_connections:
+            self._open(callback)
+        else:
+            self._waiters.append(callback)
+
+    def release(self, connection: UpstreamConnection) -> None:
+        if self._closed:
+            connection.abandon()
+            return
+        if self._waiters:
+            self._waiters.popleft()(connection, "")
+            return
+        connection.idle_since = time.monotonic()
+        self._idle.append(connection)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(IDLE_TIMEOUT / 2, self._sweep)
+
+    def discard(self, connection: UpstreamConnection) -> None:
+        self._all.discard(connection)
+        if connection in self._idle:
+            self._idle.remove(connection)
+        if self._waiters and self.size < self.backend.max_connections and not self._closed:
+            self._open(self._waiters.popleft())
+
+    def close(self) -> None:
+        """Close idle connections now; busy ones close when their response ends."""
+        self._closed = True
+        for connection in list(self._idle):
+            connection.abandon()
+        self._idle.clear()
+        while self._waiters:
+            self._waiters.popleft()(None, f"backend {self.backend.name} pool is closed")
+
+    def _open(self, callback: Acquired) -> None:
+        self._opening += 1
+        task = self.loop.create_task(self._connect(callback))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, callback: Acquired) -> None:
+        backend = self.backend
+        try:
+            _, protocol = await asyncio.wait_for(
+                self.loop.create_connection(lambda: UpstreamConnection(self), backend.host, backend.port),
+                backend.connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            self._opening -= 1
+            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else exc.strerror or str(exc)
+            callback(None, f"cannot connect to backend {backend.name} ({backend.host}:{backend.port}): {reason}")
+            if self._waiters and self.size < backend.max_connections and not self._closed:
+                self._open(self._waiters.popleft())
+            return
+        self._opening -= 1
+        self._all.add(protocol)
+        callback(protocol, "")
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        deadline = time.monotonic() - IDLE_TIMEOUT
+        for connection in [c for c in self._idle if c.idle_since < deadline]:
+            connection.abandon()
+        if self._idle:
+            self._sweeper = self.loop.call_later(IDLE_TIMEOUT / 2, self._sweep)

@@ -1,0 +1,311 @@
+"""Data-plane benchmark: the gateway against nginx doing the same job, and the backend alone.
+
+Run it with `make bench`, or `.venv/bin/python load_tests/bench.py --rounds 5 --duration 5`.
+
+Three targets are measured with wrk in one run, in interleaved rounds (round 1 of A, B, C, then
+round 2, ...), so a slow drift of the machine touches all of them alike:
+
+  A. direct   the backend alone: nginx answering the KServe v2 infer path with a fixed JSON response,
+              standing in for a Triton server that costs nothing;
+  B. nginx    nginx, 1 worker, proxying to that backend with the gateway's 90/10 weighted split over
+              pooled keep-alive upstream connections: what a C proxy does with the same job;
+  C. gateway  `gateway serve --workers 1` with a routes file that sends the same model to the same
+              backend with the same split.
+
+Each round runs a throughput test (32 connections by default) and a latency test (1 connection).
+The numbers to read are the ratios: gateway / nginx throughput, and the p50 each proxy adds over the
+direct backend at 1 connection; absolute numbers depend on the machine.
+
+CPU placement. On a small machine, where the processes run decides what is measured. By default:
+  - wrk runs on the first core;
+  - the target under test (the direct backend for A, the proxy for B and C) runs alone on the second
+    core, so every target gets the same thing: exactly one core, with nothing else on it;
+  - the backend behind the proxies (a separate nginx instance, same config as A) shares wrk's core,
+    or gets a third core if there is one. On 2 cores it has to share with something, and sharing with
+    the load generator keeps the target's core clean. It is far cheaper per request than either proxy,
+    and the printed per-core CPU check flags rounds where that shared core was the limit instead.
+`--no-pin` leaves placement to the scheduler (and gives the backend 2 workers by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+
+import nginx
+import report
+import targets as tg
+import wrk
+from procs import Supervisor, cpu_meter, usable_cores
+from targets import Sample, Target
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Placement:
+    loadgen: int | None
+    target: int | None
+    backend: int | None
+
+    def describe(self) -> str:
+        if self.target is None:
+            return "not pinned (--no-pin or a single core): the scheduler places wrk, targets and backend"
+        shared = " (shared with wrk)" if self.backend == self.loadgen else ""
+        return (
+            f"wrk on core {self.loadgen}; target under test alone on core {self.target}; "
+            f"backend behind the proxies on core {self.backend}{shared}"
+        )
+
+
+def choose_placement(no_pin: bool) -> Placement:
+    cores = usable_cores()
+    if no_pin or len(cores) < 2:
+        return Placement(None, None, None)
+    return Placement(cores[0], cores[1], cores[2] if len(cores) > 2 else cores[0])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per target (default 5)")
+    p.add_argument("--duration", type=float, default=5, help="seconds per wrk run, whole seconds (default 5)")
+    p.add_argument("--warmup", type=float, default=1, help="seconds of unrecorded load per target first")
+    p.add_argument("--threads", type=int, default=1, help="wrk threads for the throughput runs (default 1)")
+    p.add_argument("--connections", type=int, default=32, help="connections for throughput runs (default 32)")
+    p.add_argument(
+        "--latency-connections", type=int, default=1, help="connections for latency runs (default 1)"
+    )
+    p.add_argument(
+        "--targets",
+        default="direct,nginx,gateway",
+        help="comma-separated subset of direct,nginx,gateway (default all three)",
+    )
+    p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores with taskset")
+    p.add_argument(
+        "--backend-workers", type=int, help="nginx workers of the backend (default 1 pinned, 2 with --no-pin)"
+    )
+    p.add_argument("--gateway", type=Path, default=REPO / ".venv/bin/gateway", help="the gateway executable")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
+    args = p.parse_args(argv)
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = set(args.targets) - {"direct", "nginx", "gateway"}
+    if unknown or not args.targets:
+        p.error(f"--targets: unknown {sorted(unknown)}; choose from direct,nginx,gateway")
+    if args.rounds < 1 or args.duration < 1 or args.connections < 1 or args.latency_connections < 1:
+        p.error("--rounds, --duration and the connection counts must be at least 1")
+    if args.backend_workers is None:
+        args.backend_workers = 2 if args.no_pin else 1
+    return args
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    return lines[0] if lines else "unknown"
+
+
+def header(args: argparse.Namespace, placement: Placement) -> dict[str, object]:
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {
+            "cores_online": os.cpu_count(),
+            "cores_usable": usable_cores(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "nginx": _version([nginx.nginx_binary(), "-v"]),
+            "wrk": _version([wrk.wrk_binary(), "-v"]),
+            "gateway_git": _version(["git", "-C", str(REPO), "describe", "--always", "--dirty"]),
+        },
+        "config": {
+            "rounds": args.rounds,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "throughput": {"threads": args.threads, "connections": args.connections},
+            "latency": {"threads": 1, "connections": args.latency_connections},
+            "backend_workers": args.backend_workers,
+            "request": {"method": "POST", "body": wrk.INFER_BODY, "content_type": "application/json"},
+        },
+        "placement": {**asdict(placement), "description": placement.describe()},
+    }
+
+
+def print_header(head: dict[str, object], args: argparse.Namespace) -> None:
+    machine, placement = head["machine"], head["placement"]
+    assert isinstance(machine, dict) and isinstance(placement, dict)
+    print("Data-plane benchmark: gateway vs nginx proxy vs direct backend (load_tests/bench.py)")
+    print(
+        f"  machine:   {machine['cores_online']} cores online, usable {machine['cores_usable']}; "
+        f"{machine['platform']}"
+    )
+    print(f"  tools:     {machine['nginx']}; {machine['wrk']}")
+    print(f"  placement: {placement['description']}")
+    print(
+        f"  load:      {args.rounds} interleaved rounds x {args.duration:g}s, throughput -t{args.threads} "
+        f"-c{args.connections}, latency -t1 -c{args.latency_connections}, warmup {args.warmup:g}s"
+    )
+    print(f"  request:   POST {tg.PUBLIC_PATH} (direct: {tg.DIRECT_PATH}), {len(wrk.INFER_BODY)} byte JSON")
+
+
+def start_targets(args: argparse.Namespace, sup: Supervisor, placement: Placement) -> dict[str, Target]:
+    backend = tg.start_backend(sup, "backend", args.backend_workers, placement.backend)
+    chosen: dict[str, Target] = {}
+    if "direct" in args.targets:
+        # A second instance of the same backend, placed like the proxies, so that A is measured under
+        # the same conditions as B and C instead of sharing wrk's core.
+        direct = tg.start_backend(sup, "backend-direct", args.backend_workers, placement.target)
+        chosen["direct"] = Target(
+            "direct",
+            "A direct backend (nginx)",
+            direct.port,
+            tg.DIRECT_PATH,
+            direct.child,
+            expect_split=False,
+        )
+    if "nginx" in args.targets:
+        proxy = tg.start_nginx_proxy(sup, backend.port, placement.target)
+        chosen["nginx"] = Target("nginx", "B nginx proxy, 1 worker", proxy.port, child=proxy.child)
+    if "gateway" in args.targets:
+        gateway = Target("gateway", "C gateway, 1 worker")
+        tg.start_gateway(sup, gateway, args.gateway, backend.port, placement.target)
+        chosen["gateway"] = gateway
+    for target in chosen.values():
+        if target.unavailable:
+            continue
+        try:
+            tg.verify(target)
+        except (ValueError, OSError) as exc:
+            if target.key != "gateway":
+                raise RuntimeError(f"{target.label} answers wrongly (a bug in the benchmark): {exc}") from exc
+            target.unavailable = f"{target.url} answers wrongly: {exc}"
+        split = target.verification.get("split_percent_observed")
+        if split:
+            print(f"  check:     {target.label}: v2 answer OK; split over {tg.SPLIT_SAMPLE} requests {split}")
+        elif not target.unavailable:
+            print(f"  check:     {target.label}: v2 answer OK")
+        if target.unavailable:
+            print(f"\n!! {target.label} WILL NOT BE MEASURED: {target.unavailable}\n", file=sys.stderr)
+    return chosen
+
+
+def measure(
+    target: Target,
+    args: argparse.Namespace,
+    placement: Placement,
+    script: Path,
+    rnd: int,
+    mode: str,
+    duration: float,
+) -> Sample:
+    latency = mode == "latency"
+    threads, conns = (1, args.latency_connections) if latency else (args.threads, args.connections)
+    argv = wrk.command(target.url, script, threads, conns, duration, placement.loadgen)
+    with cpu_meter(target.pids()) as cpu:
+        result = wrk.run(argv, timeout_s=duration + 60)
+    sample = Sample(rnd, mode, result, cpu.target_cpu, cpu.core_busy)
+    if result.errors:
+        print(
+            f"!! {target.label} round {rnd} {mode}: {result.non_2xx:,} non-2xx responses, socket errors "
+            f"{result.socket_errors} -- these requests FAILED",
+            file=sys.stderr,
+        )
+    return sample
+
+
+def run(args: argparse.Namespace, sup: Supervisor) -> int:
+    placement = choose_placement(args.no_pin)
+    head = header(args, placement)
+    print_header(head, args)
+    targets = start_targets(args, sup, placement)
+    live = [t for t in targets.values() if not t.unavailable]
+    script = wrk.write_script(sup.workdir)
+    if args.warmup > 0:
+        for target in live:
+            warm = measure(target, args, placement, script, 0, "warmup", args.warmup)
+            if warm.wrk.errors:
+                print(f"!! {target.label}: errors during warmup", file=sys.stderr)
+    modes = {
+        "throughput": f"Throughput: {args.connections} connections, {args.threads} wrk thread(s)",
+        "latency": f"Latency: {args.latency_connections} connection(s)",
+    }
+    for rnd in range(1, args.rounds + 1):
+        for target in live:
+            for mode in modes:
+                sample = measure(target, args, placement, script, rnd, mode, args.duration)
+                target.samples.append(sample)
+                w = sample.wrk
+                print(
+                    f"  round {rnd}/{args.rounds}  {target.label:<26} {mode:<10} {w.rps:>9,.0f} req/s"
+                    f"  p50 {w.p50_us:>7,.0f} us  p99 {w.p99_us:>7,.0f} us"
+                    f"  cpu {100 * sample.target_cpu:>3.0f}%",
+                    flush=True,
+                )
+
+    problems = report.print_results(targets, modes)
+    notes = [n for t in live for n in report.saturation_notes(t, placement.loadgen)]
+    problems += [f"{t.label} was not measured: {t.unavailable}" for t in targets.values() if t.unavailable]
+    for note in notes:
+        print(f"\nnote: {note}")
+    if args.json:
+        doc = report.to_json(targets, head, problems)
+        doc["notes"] = notes
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"\nJSON written to {args.json}")
+    for problem in problems:
+        print(f"\n!! {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """Turns SIGTERM and SIGHUP into SystemExit, so the cleanup in `finally` also runs for them."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        nginx.nginx_binary()
+        wrk.wrk_binary()
+    except RuntimeError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp, signals_raise():
+        sup = Supervisor(Path(tmp))
+        try:
+            return run(args, sup)
+        except KeyboardInterrupt:
+            print("\nbench: interrupted; stopping everything it started", file=sys.stderr)
+            return 130
+        except (RuntimeError, wrk.WrkError, OSError) as exc:
+            print(f"\nbench: FAILED: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            sup.stop_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
