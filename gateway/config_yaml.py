@@ -19,7 +19,6 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 T = TypeVar("T")
 
 NULL_TAG = "tag:yaml.org,2002:null"
-STR_TAG = "tag:yaml.org,2002:str"
 MERGE_TAG = "tag:yaml.org,2002:merge"
 
 # A metadata block is reported by the admin API; aliases of aliases can make a few lines expand into
@@ -87,19 +86,23 @@ def compose(text: str, source: str) -> Node | None:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
-        raise ConfigError([ConfigIssue(source, line, column, _syntax_message(exc))]) from None
-    except yaml.YAMLError as exc:  # reader errors (control characters) carry a position but no mark
-        position = getattr(exc, "position", 0)
-        line = text.count("\n", 0, position) + 1
-        column = position - (text.rfind("\n", 0, position) + 1) + 1
-        raise ConfigError([ConfigIssue(source, line, column, f"YAML error: {exc}")]) from None
+        raise ConfigError([ConfigIssue(source, line, column, _syntax_message(exc, text))]) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML refuses carries an index but no mark
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        message = f"YAML error: character #x{exc.character:04x} is not allowed in YAML text"
+        raise ConfigError([ConfigIssue(source, line, column, message)]) from None
     except RecursionError:
         raise ConfigError([ConfigIssue(source, 1, 1, "YAML is nested too deeply to read")]) from None
     return node
 
 
-def _syntax_message(exc: yaml.MarkedYAMLError) -> str:
+def _syntax_message(exc: yaml.MarkedYAMLError, text: str) -> str:
     problem = exc.problem or "invalid YAML"
+    mark = exc.problem_mark
+    if mark is not None and text[mark.index - 1 : mark.index + 1] == "${":
+        # Inside {...} a brace ends the plain scalar, so an unquoted ${VAR} breaks the YAML itself.
+        return 'YAML syntax error: quote values that use ${VAR} inside a {...} mapping, like "${VAR}"'
     if "'\\t'" in problem:
         return "YAML syntax error: a tab character here; YAML indents with spaces only"
     if exc.context == "expected a single document in the stream":
@@ -206,7 +209,10 @@ def expand_env(text: str, env: Mapping[str, str]) -> tuple[str, list[str]]:
 
 def scalar(node: Node, problems: Problems, env: Mapping[str, str], what: str) -> str | None:
     """The scalar's raw text with environment references expanded; None (reported) if there is none."""
-    if not isinstance(node, ScalarNode) or is_null(node):
+    if is_null(node):
+        problems.add(node, f"{what} is empty")
+        return None
+    if not isinstance(node, ScalarNode):
         problems.add(node, f"{what} must be a single value, not {describe(node)}")
         return None
     text, errors = expand_env(node.value, env)

@@ -48,7 +48,7 @@ import nginx
 import report
 import targets as tg
 import wrk
-from procs import Supervisor, cpu_meter, usable_cores
+from procs import Supervisor, cpu_meter, descendants, set_affinity, usable_cores
 from targets import Sample, Target
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,22 +59,32 @@ class Placement:
     loadgen: int | None
     target: int | None
     backend: int | None
+    latency: int | None  # the one core of the 1-connection runs; None: same placement as throughput
 
-    def describe(self) -> str:
+    def describe(self) -> list[str]:
         if self.target is None:
-            return "not pinned (--no-pin or a single core): the scheduler places wrk, targets and backend"
+            return ["not pinned (--no-pin or a single core): the scheduler places wrk, targets and backend"]
         shared = " (shared with wrk)" if self.backend == self.loadgen else ""
-        return (
-            f"wrk on core {self.loadgen}; target under test alone on core {self.target}; "
+        lines = [
+            f"throughput: wrk on core {self.loadgen}; target under test alone on core {self.target}; "
             f"backend behind the proxies on core {self.backend}{shared}"
-        )
+        ]
+        if self.latency is None:
+            lines.append("latency: same placement as throughput (--latency-placement split)")
+        else:
+            lines.append(
+                f"latency: wrk, target and backend all on core {self.latency} (one request in flight "
+                "needs no second core; cross-core wake-ups would be counted as proxy latency)"
+            )
+        return lines
 
 
-def choose_placement(no_pin: bool) -> Placement:
+def choose_placement(no_pin: bool, latency_placement: str) -> Placement:
     cores = usable_cores()
     if no_pin or len(cores) < 2:
-        return Placement(None, None, None)
-    return Placement(cores[0], cores[1], cores[2] if len(cores) > 2 else cores[0])
+        return Placement(None, None, None, None)
+    latency = cores[0] if latency_placement == "one-core" else None
+    return Placement(cores[0], cores[1], cores[2] if len(cores) > 2 else cores[0], latency)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -93,6 +103,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated subset of direct,nginx,gateway (default all three)",
     )
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores with taskset")
+    p.add_argument(
+        "--latency-placement",
+        choices=["one-core", "split"],
+        default="one-core",
+        help="1-connection runs: everything on one core (default), or placed like the throughput runs",
+    )
     p.add_argument(
         "--backend-workers", type=int, help="nginx workers of the backend (default 1 pinned, 2 with --no-pin)"
     )
@@ -153,7 +169,8 @@ def print_header(head: dict[str, object], args: argparse.Namespace) -> None:
         f"{machine['platform']}"
     )
     print(f"  tools:     {machine['nginx']}; {machine['wrk']}")
-    print(f"  placement: {placement['description']}")
+    for i, line in enumerate(placement["description"]):
+        print(f"  {'placement:' if i == 0 else '':<10} {line}")
     print(
         f"  load:      {args.rounds} interleaved rounds x {args.duration:g}s, throughput -t{args.threads} "
         f"-c{args.connections}, latency -t1 -c{args.latency_connections}, warmup {args.warmup:g}s"
@@ -161,113 +178,119 @@ def print_header(head: dict[str, object], args: argparse.Namespace) -> None:
     print(f"  request:   POST {tg.PUBLIC_PATH} (direct: {tg.DIRECT_PATH}), {len(wrk.INFER_BODY)} byte JSON")
 
 
-def start_targets(args: argparse.Namespace, sup: Supervisor, placement: Placement) -> dict[str, Target]:
-    backend = tg.start_backend(sup, "backend", args.backend_workers, placement.backend)
-    chosen: dict[str, Target] = {}
-    if "direct" in args.targets:
-        # A second instance of the same backend, placed like the proxies, so that A is measured under
-        # the same conditions as B and C instead of sharing wrk's core.
-        direct = tg.start_backend(sup, "backend-direct", args.backend_workers, placement.target)
-        chosen["direct"] = Target(
-            "direct",
-            "A direct backend (nginx)",
-            direct.port,
-            tg.DIRECT_PATH,
-            direct.child,
-            expect_split=False,
-        )
-    if "nginx" in args.targets:
-        proxy = tg.start_nginx_proxy(sup, backend.port, placement.target)
-        chosen["nginx"] = Target("nginx", "B nginx proxy, 1 worker", proxy.port, child=proxy.child)
-    if "gateway" in args.targets:
-        gateway = Target("gateway", "C gateway, 1 worker")
-        tg.start_gateway(sup, gateway, args.gateway, backend.port, placement.target)
-        chosen["gateway"] = gateway
-    for target in chosen.values():
-        if target.unavailable:
-            continue
-        try:
-            tg.verify(target)
-        except (ValueError, OSError) as exc:
-            if target.key != "gateway":
-                raise RuntimeError(f"{target.label} answers wrongly (a bug in the benchmark): {exc}") from exc
-            target.unavailable = f"{target.url} answers wrongly: {exc}"
-        split = target.verification.get("split_percent_observed")
-        if split:
-            print(f"  check:     {target.label}: v2 answer OK; split over {tg.SPLIT_SAMPLE} requests {split}")
-        elif not target.unavailable:
-            print(f"  check:     {target.label}: v2 answer OK")
+class Bench:
+    def __init__(self, args: argparse.Namespace, sup: Supervisor) -> None:
+        self.args = args
+        self.sup = sup
+        self.placement = choose_placement(args.no_pin, args.latency_placement)
+        self.script = wrk.write_script(sup.workdir)
+        self.backend_pids: list[int] = []
+        self.targets: dict[str, Target] = {}
+
+    def start_targets(self) -> None:
+        args, sup, place = self.args, self.sup, self.placement
+        backend = tg.start_backend(sup, "backend", args.backend_workers, place.backend)
+        self.backend_pids = [backend.child.pid, *descendants(backend.child.pid)]
+        if "direct" in args.targets:
+            # A second instance of the same backend, placed like the proxies, so that A is measured
+            # under the same conditions as B and C instead of sharing wrk's core.
+            direct = tg.start_backend(sup, "backend-direct", args.backend_workers, place.target)
+            self.targets["direct"] = Target(
+                "direct", "A direct backend (nginx)", direct.port, tg.DIRECT_PATH, direct.child, False
+            )
+        if "nginx" in args.targets:
+            proxy = tg.start_nginx_proxy(sup, backend.port, place.target)
+            self.targets["nginx"] = Target("nginx", "B nginx proxy, 1 worker", proxy.port, child=proxy.child)
+        if "gateway" in args.targets:
+            gateway = Target("gateway", "C gateway, 1 worker")
+            tg.start_gateway(sup, gateway, args.gateway, backend.port, place.target)
+            self.targets["gateway"] = gateway
+        for target in self.targets.values():
+            self.check(target)
+
+    def check(self, target: Target) -> None:
+        if not target.unavailable:
+            try:
+                tg.verify(target)
+            except (ValueError, OSError) as exc:
+                if target.key != "gateway":
+                    raise RuntimeError(f"{target.label} answers wrongly (a benchmark bug): {exc}") from exc
+                target.unavailable = f"{target.url} answers wrongly: {exc}"
         if target.unavailable:
             print(f"\n!! {target.label} WILL NOT BE MEASURED: {target.unavailable}\n", file=sys.stderr)
-    return chosen
+            return
+        split = target.verification.get("split_percent_observed")
+        shown = f"; split over {tg.SPLIT_SAMPLE} requests, % per version {split}" if split else ""
+        print(f"  check:     {target.label}: v2 answer OK{shown}")
 
+    def measure(self, target: Target, rnd: int, mode: str, duration: float) -> Sample:
+        args, place = self.args, self.placement
+        latency = mode == "latency"
+        threads, conns = (1, args.latency_connections) if latency else (args.threads, args.connections)
+        pids = target.pids()
+        one_core = latency and place.latency is not None
+        wrk_core = place.latency if one_core else place.loadgen
+        argv = wrk.command(target.url, self.script, threads, conns, duration, wrk_core)
+        try:
+            if one_core and place.latency is not None:
+                set_affinity(pids + self.backend_pids, place.latency)
+            with cpu_meter(pids) as cpu:
+                result = wrk.run(argv, timeout_s=duration + 60)
+        finally:
+            if one_core and place.target is not None and place.backend is not None:
+                set_affinity(pids, place.target)
+                set_affinity(self.backend_pids, place.backend)
+        if result.errors:
+            print(
+                f"!! {target.label} round {rnd} {mode}: {result.non_2xx:,} non-2xx responses, socket "
+                f"errors {result.socket_errors} -- these requests FAILED",
+                file=sys.stderr,
+            )
+        return Sample(rnd, mode, result, cpu.target_cpu, cpu.core_busy)
 
-def measure(
-    target: Target,
-    args: argparse.Namespace,
-    placement: Placement,
-    script: Path,
-    rnd: int,
-    mode: str,
-    duration: float,
-) -> Sample:
-    latency = mode == "latency"
-    threads, conns = (1, args.latency_connections) if latency else (args.threads, args.connections)
-    argv = wrk.command(target.url, script, threads, conns, duration, placement.loadgen)
-    with cpu_meter(target.pids()) as cpu:
-        result = wrk.run(argv, timeout_s=duration + 60)
-    sample = Sample(rnd, mode, result, cpu.target_cpu, cpu.core_busy)
-    if result.errors:
-        print(
-            f"!! {target.label} round {rnd} {mode}: {result.non_2xx:,} non-2xx responses, socket errors "
-            f"{result.socket_errors} -- these requests FAILED",
-            file=sys.stderr,
-        )
-    return sample
-
-
-def run(args: argparse.Namespace, sup: Supervisor) -> int:
-    placement = choose_placement(args.no_pin)
-    head = header(args, placement)
-    print_header(head, args)
-    targets = start_targets(args, sup, placement)
-    live = [t for t in targets.values() if not t.unavailable]
-    script = wrk.write_script(sup.workdir)
-    if args.warmup > 0:
-        for target in live:
-            warm = measure(target, args, placement, script, 0, "warmup", args.warmup)
-            if warm.wrk.errors:
+    def run(self) -> int:
+        args = self.args
+        head = header(args, self.placement)
+        print_header(head, args)
+        self.start_targets()
+        live = [t for t in self.targets.values() if not t.unavailable]
+        for target in live if args.warmup > 0 else []:
+            if self.measure(target, 0, "warmup", args.warmup).wrk.errors:
                 print(f"!! {target.label}: errors during warmup", file=sys.stderr)
-    modes = {
-        "throughput": f"Throughput: {args.connections} connections, {args.threads} wrk thread(s)",
-        "latency": f"Latency: {args.latency_connections} connection(s)",
-    }
-    for rnd in range(1, args.rounds + 1):
-        for target in live:
-            for mode in modes:
-                sample = measure(target, args, placement, script, rnd, mode, args.duration)
-                target.samples.append(sample)
-                w = sample.wrk
-                print(
-                    f"  round {rnd}/{args.rounds}  {target.label:<26} {mode:<10} {w.rps:>9,.0f} req/s"
-                    f"  p50 {w.p50_us:>7,.0f} us  p99 {w.p99_us:>7,.0f} us"
-                    f"  cpu {100 * sample.target_cpu:>3.0f}%",
-                    flush=True,
-                )
+        modes = {
+            "throughput": f"Throughput: {args.connections} connections, {args.threads} wrk thread(s)",
+            "latency": f"Latency: {args.latency_connections} connection(s)",
+        }
+        for rnd in range(1, args.rounds + 1):
+            for target in live:
+                for mode in modes:
+                    sample = self.measure(target, rnd, mode, args.duration)
+                    target.samples.append(sample)
+                    w = sample.wrk
+                    print(
+                        f"  round {rnd}/{args.rounds}  {target.label:<26} {mode:<10} {w.rps:>9,.0f} req/s"
+                        f"  p50 {w.p50_us:>7,.0f} us  p99 {w.p99_us:>7,.0f} us"
+                        f"  target cpu {100 * sample.target_cpu:>3.0f}%",
+                        flush=True,
+                    )
+        return self.finish(head, modes, live)
 
-    problems = report.print_results(targets, modes)
-    notes = [n for t in live for n in report.saturation_notes(t, placement.loadgen)]
-    problems += [f"{t.label} was not measured: {t.unavailable}" for t in targets.values() if t.unavailable]
-    for note in notes:
-        print(f"\nnote: {note}")
-    if args.json:
-        doc = report.to_json(targets, head, problems)
-        doc["notes"] = notes
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"\nJSON written to {args.json}")
-    for problem in problems:
-        print(f"\n!! {problem}", file=sys.stderr)
-    return 1 if problems else 0
+    def finish(self, head: dict[str, object], modes: dict[str, str], live: list[Target]) -> int:
+        problems = report.print_results(self.targets, modes, self.placement.loadgen)
+        notes = [n for t in live for n in report.saturation_notes(t, self.placement.loadgen)]
+        problems += [
+            f"{t.label} was not measured: {t.unavailable}" for t in self.targets.values() if t.unavailable
+        ]
+        for note in notes:
+            print(f"\nnote: {note}")
+        if self.args.json:
+            doc = report.to_json(self.targets, head, problems)
+            doc["notes"] = notes
+            self.args.json.write_text(json.dumps(doc, indent=2) + "\n")
+            print(f"\nJSON written to {self.args.json}")
+        for problem in problems:
+            print(f"\n!! {problem}", file=sys.stderr)
+        return 1 if problems else 0
 
 
 @contextlib.contextmanager
@@ -296,10 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp, signals_raise():
         sup = Supervisor(Path(tmp))
         try:
-            return run(args, sup)
+            return Bench(args, sup).run()
         except KeyboardInterrupt:
             print("\nbench: interrupted; stopping everything it started", file=sys.stderr)
             return 130
+        except SystemExit:
+            print("\nbench: terminated by a signal; stopping everything it started", file=sys.stderr)
+            raise
         except (RuntimeError, wrk.WrkError, OSError) as exc:
             print(f"\nbench: FAILED: {exc}", file=sys.stderr)
             return 1

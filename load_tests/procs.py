@@ -110,6 +110,15 @@ class Supervisor:
             self.stop(child)
 
 
+def set_affinity(pids: Sequence[int], core: int) -> None:
+    """Moves running processes, every thread of them, onto one core; threads they start later inherit it."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(task.name), {core})
+
+
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)

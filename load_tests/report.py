@@ -97,17 +97,28 @@ def _print_table(rows: list[list[str]], header: list[str]) -> None:
         )
 
 
-def print_results(targets: dict[str, Target], modes: dict[str, str]) -> list[str]:
-    """Prints the tables and returns the problems found (empty when the run is clean)."""
+def print_results(targets: dict[str, Target], modes: dict[str, str], loadgen_core: int | None) -> list[str]:
+    """Prints the tables and returns the problems found (empty when the run is clean).
+
+    "target CPU" near 100% means the target was the bottleneck; "wrk core" near 100% with the target
+    below that means the load generator's core (shared with the backend on 2 cores) was the limit.
+    """
     problems: list[str] = []
     for mode, title in modes.items():
         print(f"\n{title}  (median of rounds [min-max])")
         rows = []
         for target in targets.values():
             if target.unavailable:
-                rows.append([target.label, "not measured", "", "", "", ""])
+                rows.append([target.label, "not measured", "", "", "", "", ""])
                 continue
             stats = summary(target, mode)
+            wrk_core = Stat.of(
+                [
+                    s.core_busy.get(loadgen_core, 0.0)
+                    for s in samples(target, mode)
+                    if loadgen_core is not None
+                ]
+            )
             errors = sum(s.wrk.errors for s in samples(target, mode))
             rows.append(
                 [
@@ -116,12 +127,15 @@ def print_results(targets: dict[str, Target], modes: dict[str, str]) -> list[str
                     _cell(stats["p50_us"], ",.0f"),
                     _cell(stats["p99_us"], ",.0f"),
                     _cell(stats["target_cpu"], ".0f", 100),
+                    _cell(wrk_core, ".0f", 100),
                     f"{errors:,} ERRORS" if errors else "0",
                 ]
             )
             if errors:
                 problems.append(f"{target.label}: {errors:,} failed requests in the {mode} runs (see above)")
-        _print_table(rows, ["target", "requests/s", "p50 us", "p99 us", "target CPU %", "errors"])
+        _print_table(
+            rows, ["target", "requests/s", "p50 us", "p99 us", "target CPU %", "wrk core %", "errors"]
+        )
 
     comp = comparisons(targets)
     print("\nComparisons  (median of per-round values [min-max])")
