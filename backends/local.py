@@ -100,6 +100,7 @@ class TritonProcess:
         self._workdir = Path(tempfile.mkdtemp(prefix="triton-local-"))
         self.log_path = Path(spec.log_path) if spec.log_path else self._workdir / "triton.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._last_log = "(no log)"
         self._proc = self._spawn(spec)
         _running.add(self)
 
@@ -171,9 +172,10 @@ class TritonProcess:
     def logs(self, lines: int = 40) -> str:
         """The last lines of the process's log (tritonserver's and PyTriton's output)."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            text = self.log_path.read_text(errors="replace")
         except OSError:
-            return "(no log)"
+            text = self._last_log
+        return "\n".join(text.splitlines()[-lines:])
 
     def _name(self) -> str:
         return f"Triton {', '.join(f'{m}/{v}' for m, v in self.targets)} on port {self.http_port}"
@@ -191,6 +193,9 @@ class TritonProcess:
             self._proc.wait(timeout)
         except subprocess.TimeoutExpired:
             LOG.warning("%s did not stop within %.0f s, killing it", self._name(), timeout)
+        else:
+            if self.leftovers():
+                LOG.warning("%s left processes %s behind, killing them", self._name(), self.leftovers())
         self.kill()
 
     def kill(self) -> None:
@@ -198,18 +203,35 @@ class TritonProcess:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._proc.pid, signal.SIGKILL)
         self._proc.wait()
+        # SIGKILL is delivered asynchronously: wait until the port and memory are really released.
+        deadline = time.monotonic() + 5.0
+        while self.leftovers() and time.monotonic() < deadline:
+            time.sleep(0.01)
         self._cleanup()
+
+    def leftovers(self) -> list[int]:
+        """Live processes of this version's process group (tritonserver, stubs); [] once it is stopped.
+
+        Zombies do not count: they hold no port or memory, and where PID 1 does not reap orphans (some
+        sandboxes) they would otherwise look alive forever.
+        """
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                # Fields after the command name, which may itself contain spaces and parentheses.
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == self._proc.pid and fields[0] not in ("Z", "X"):
+                    found.append(int(stat.parent.name))
+        return found
 
     def _cleanup(self) -> None:
         _running.discard(self)
         # Shared memory that the Python backend names after this process; a killed process leaves it behind.
         for leftover in Path("/dev/shm").glob(f"pytrtion{self._proc.pid}-*"):
             leftover.unlink(missing_ok=True)
-        keep_log = self.log_path.parent != self._workdir
-        if keep_log:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-        else:
-            shutil.rmtree(self._workdir / "workspace", ignore_errors=True)
+        if self.log_path.parent == self._workdir:
+            self._last_log = self.logs(200)  # the temporary log goes with the directory; keep its tail
+        shutil.rmtree(self._workdir, ignore_errors=True)
 
     def __enter__(self) -> TritonProcess:
         return self

@@ -24,6 +24,10 @@ CPU placement. On a small machine, where the processes run decides what is measu
     or gets a third core if there is one. On 2 cores it has to share with something, and sharing with
     the load generator keeps the target's core clean. It is far cheaper per request than either proxy,
     and the printed per-core CPU check flags rounds where that shared core was the limit instead.
+The latency runs (1 connection) instead put wrk, the target and the backend together on the first
+core: with one request in flight nothing runs in parallel, and on a VM a wake-up on the other core
+costs tens of microseconds, which would be counted as latency added by the proxy (a proxy adds two
+such hops). `--latency-placement split` keeps the throughput placement for them.
 `--no-pin` leaves placement to the scheduler (and gives the backend 2 workers by default).
 """
 
@@ -90,8 +94,10 @@ def choose_placement(no_pin: bool, latency_placement: str) -> Placement:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per target (default 5)")
-    p.add_argument("--duration", type=float, default=5, help="seconds per wrk run, whole seconds (default 5)")
-    p.add_argument("--warmup", type=float, default=1, help="seconds of unrecorded load per target first")
+    p.add_argument("--duration", type=int, default=5, help="seconds per wrk run (default 5)")
+    p.add_argument(
+        "--warmup", type=int, default=1, help="seconds of unrecorded load per target first (default 1)"
+    )
     p.add_argument("--threads", type=int, default=1, help="wrk threads for the throughput runs (default 1)")
     p.add_argument("--connections", type=int, default=32, help="connections for throughput runs (default 32)")
     p.add_argument(
@@ -126,13 +132,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _version(argv: list[str]) -> str:
+def _first_line(argv: list[str], need_success: bool = False) -> str:
+    """A tool's version line (nginx prints it on stderr; `wrk -v` exits 1 after printing it)."""
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     lines = (out.stdout + out.stderr).strip().splitlines()
-    return lines[0] if lines else "unknown"
+    if not lines or (need_success and out.returncode != 0):
+        return "unknown"
+    return lines[0].split(" Copyright")[0]
 
 
 def header(args: argparse.Namespace, placement: Placement) -> dict[str, object]:
@@ -143,9 +152,9 @@ def header(args: argparse.Namespace, placement: Placement) -> dict[str, object]:
             "cores_usable": usable_cores(),
             "platform": platform.platform(),
             "python": platform.python_version(),
-            "nginx": _version([nginx.nginx_binary(), "-v"]),
-            "wrk": _version([wrk.wrk_binary(), "-v"]),
-            "gateway_git": _version(["git", "-C", str(REPO), "describe", "--always", "--dirty"]),
+            "nginx": _first_line([nginx.nginx_binary(), "-v"]),
+            "wrk": _first_line([wrk.wrk_binary(), "-v"]),
+            "gateway_git": _first_line(["git", "-C", str(REPO), "describe", "--always", "--dirty"], True),
         },
         "config": {
             "rounds": args.rounds,
@@ -178,6 +187,15 @@ def print_header(head: dict[str, object], args: argparse.Namespace) -> None:
     print(f"  request:   POST {tg.PUBLIC_PATH} (direct: {tg.DIRECT_PATH}), {len(wrk.INFER_BODY)} byte JSON")
 
 
+def progress_line(sample: Sample, target: Target, rounds: int) -> str:
+    w, cpu = sample.wrk, sample.cpu
+    return (
+        f"  round {sample.round}/{rounds}  {target.label:<26} {sample.mode:<10} {w.rps:>9,.0f} req/s"
+        f"  p50 {w.p50_us:>6,.0f} us  p99 {w.p99_us:>6,.0f} us"
+        f"  CPU% target {100 * cpu.target:>3.0f} others {100 * cpu.others:>3.0f}"
+    )
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, sup: Supervisor) -> None:
         self.args = args
@@ -196,7 +214,12 @@ class Bench:
             # under the same conditions as B and C instead of sharing wrk's core.
             direct = tg.start_backend(sup, "backend-direct", args.backend_workers, place.target)
             self.targets["direct"] = Target(
-                "direct", "A direct backend (nginx)", direct.port, tg.DIRECT_PATH, direct.child, False
+                "direct",
+                "A direct backend (nginx)",
+                direct.port,
+                tg.DIRECT_PATH,
+                direct.child,
+                expect_split=False,
             )
         if "nginx" in args.targets:
             proxy = tg.start_nginx_proxy(sup, backend.port, place.target)
@@ -234,7 +257,7 @@ class Bench:
         try:
             if one_core and place.latency is not None:
                 set_affinity(pids + self.backend_pids, place.latency)
-            with cpu_meter(pids) as cpu:
+            with cpu_meter(pids, self.backend_pids) as cpu:
                 result = wrk.run(argv, timeout_s=duration + 60)
         finally:
             if one_core and place.target is not None and place.backend is not None:
@@ -246,7 +269,7 @@ class Bench:
                 f"errors {result.socket_errors} -- these requests FAILED",
                 file=sys.stderr,
             )
-        return Sample(rnd, mode, result, cpu.target_cpu, cpu.core_busy)
+        return Sample(rnd, mode, result, cpu)
 
     def run(self) -> int:
         args = self.args
@@ -266,18 +289,12 @@ class Bench:
                 for mode in modes:
                     sample = self.measure(target, rnd, mode, args.duration)
                     target.samples.append(sample)
-                    w = sample.wrk
-                    print(
-                        f"  round {rnd}/{args.rounds}  {target.label:<26} {mode:<10} {w.rps:>9,.0f} req/s"
-                        f"  p50 {w.p50_us:>7,.0f} us  p99 {w.p99_us:>7,.0f} us"
-                        f"  target cpu {100 * sample.target_cpu:>3.0f}%",
-                        flush=True,
-                    )
+                    print(progress_line(sample, target, args.rounds), flush=True)
         return self.finish(head, modes, live)
 
     def finish(self, head: dict[str, object], modes: dict[str, str], live: list[Target]) -> int:
         problems = report.print_results(self.targets, modes, self.placement.loadgen)
-        notes = [n for t in live for n in report.saturation_notes(t, self.placement.loadgen)]
+        notes = [n for t in live for n in report.notes(t, self.placement.loadgen)]
         problems += [
             f"{t.label} was not measured: {t.unavailable}" for t in self.targets.values() if t.unavailable
         ]

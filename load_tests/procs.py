@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -175,25 +176,44 @@ def core_busy_seconds() -> dict[int, float]:
 
 @dataclass
 class CpuUsage:
-    target_cpu: float = 0.0  # CPU seconds per wall second of the watched processes; 1.0 = one core
-    core_busy: dict[int, float] = field(default_factory=dict)  # the same, per core, for everything
+    """CPU seconds per wall second (1.0 = one core busy) during one measurement."""
+
+    target: float = 0.0
+    backend: float = 0.0
+    loadgen: float = 0.0  # wrk, the only child process reaped during the measurement
+    core_busy: dict[int, float] = field(default_factory=dict)  # everything, per core
+
+    @property
+    def others(self) -> float:
+        """CPU used by processes that are not part of the benchmark (and kernel work charged to none).
+
+        On a shared machine this is what disturbs a measurement; the report flags rounds where it is high.
+        """
+        return max(0.0, sum(self.core_busy.values()) - self.target - self.backend - self.loadgen)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 @contextlib.contextmanager
-def cpu_meter(pids: Sequence[int]) -> Iterator[CpuUsage]:
-    """Measures the CPU share the given processes and each core used during the block.
+def cpu_meter(target_pids: Sequence[int], backend_pids: Sequence[int]) -> Iterator[CpuUsage]:
+    """Measures the CPU share the target, the backend, wrk, and each core used during the block.
 
-    The proxy's share tells whether it was the bottleneck (near 100% of one core) or was waiting for
+    The target's share tells whether it was the bottleneck (near 100% of one core) or was waiting for
     the load generator or the backend; per-core numbers show which side was saturated.
     """
     result = CpuUsage()
     start_wall = time.monotonic()
-    start_proc = cpu_seconds(pids)
+    start = (cpu_seconds(target_pids), cpu_seconds(backend_pids), _children_cpu())
     start_cores = core_busy_seconds()
     yield result
     wall = max(time.monotonic() - start_wall, 1e-9)
     end_cores = core_busy_seconds()
-    result.target_cpu = (cpu_seconds(pids) - start_proc) / wall
+    result.target = (cpu_seconds(target_pids) - start[0]) / wall
+    result.backend = (cpu_seconds(backend_pids) - start[1]) / wall
+    result.loadgen = (_children_cpu() - start[2]) / wall
     result.core_busy = {c: (end_cores[c] - start_cores.get(c, 0.0)) / wall for c in end_cores}
 
 

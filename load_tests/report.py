@@ -26,8 +26,11 @@ METRICS: dict[str, Callable[[Sample], float]] = {
     "rps": lambda s: s.wrk.rps,
     "p50_us": lambda s: s.wrk.p50_us,
     "p99_us": lambda s: s.wrk.p99_us,
-    "target_cpu": lambda s: s.target_cpu,
+    "target_cpu": lambda s: s.cpu.target,
+    "others_cpu": lambda s: s.cpu.others,
 }
+OTHERS_DISTURB = 0.15  # cores; above this, programs outside the benchmark were competing for CPU
+MODES = ("throughput", "latency")
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,7 @@ def comparisons(targets: dict[str, Target]) -> dict[str, Stat | None]:
     """Throughput ratios and added latency; keys name what is compared, as in the JSON output."""
     result: dict[str, Stat | None] = {}
     measured = {k: t for k, t in targets.items() if t.samples}
-    pairs = [("gateway", "nginx"), ("nginx", "direct"), ("gateway", "direct")]
-    for a, b in pairs:
+    for a, b in [("gateway", "nginx"), ("nginx", "direct"), ("gateway", "direct")]:
         if a in measured and b in measured:
             result[f"throughput_{a}_over_{b}"] = per_round(
                 measured[a], measured[b], "throughput", lambda x, y: x.wrk.rps / y.wrk.rps
@@ -78,47 +80,56 @@ def comparisons(targets: dict[str, Target]) -> dict[str, Stat | None]:
     return result
 
 
-def _cell(stat: Stat | None, fmt: str, scale: float = 1.0) -> str:
+COMPARISON_LABELS = {
+    "throughput_gateway_over_nginx": "throughput gateway / nginx proxy",
+    "throughput_nginx_over_direct": "throughput nginx proxy / direct backend",
+    "throughput_gateway_over_direct": "throughput gateway / direct backend",
+    "added_p50_us_nginx": "p50 added by nginx proxy at 1 connection (us)",
+    "added_p50_us_gateway": "p50 added by gateway at 1 connection (us)",
+}
+
+
+def _cell(stat: Stat | None, fmt: str) -> str:
     if stat is None:
         return "-"
-    m, lo, hi = (format(v * scale, fmt) for v in (stat.median, stat.low, stat.high))
-    return f"{m} [{lo}-{hi}]"
+    m, lo, hi = (format(v, fmt) for v in (stat.median, stat.low, stat.high))
+    return f"{m} [{lo}..{hi}]"
 
 
-def _print_table(rows: list[list[str]], header: list[str]) -> None:
+def _percent(stat: Stat | None) -> str:
+    return "-" if stat is None else f"{100 * stat.median:.0f}"
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        print(
-            "  "
-            + "  ".join(
-                cell.ljust(w) if i == 0 else cell.rjust(w)
-                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-            )
-        )
+        cells = [
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        print("  " + "  ".join(cells))
 
 
-def print_results(targets: dict[str, Target], modes: dict[str, str], loadgen_core: int | None) -> list[str]:
+def print_results(targets: dict[str, Target], titles: dict[str, str], loadgen_core: int | None) -> list[str]:
     """Prints the tables and returns the problems found (empty when the run is clean).
 
-    "target CPU" near 100% means the target was the bottleneck; "wrk core" near 100% with the target
-    below that means the load generator's core (shared with the backend on 2 cores) was the limit.
+    CPU columns are medians, in % of one core. "target CPU" near 100 means the target was the
+    bottleneck; "wrk core" near 100 with the target below that means the load generator's core (shared
+    with the backend on 2 cores) was the limit; "others CPU" is what programs outside the benchmark
+    took, which on a shared machine explains a disturbed round.
     """
     problems: list[str] = []
-    for mode, title in modes.items():
-        print(f"\n{title}  (median of rounds [min-max])")
+    header = ["target", "requests/s", "p50 us", "p99 us", "target CPU%", "wrk core%", "others CPU%", "errors"]
+    for mode, title in titles.items():
+        print(f"\n{title}  (median of rounds [min..max])")
         rows = []
         for target in targets.values():
             if target.unavailable:
-                rows.append([target.label, "not measured", "", "", "", "", ""])
+                rows.append([target.label, "not measured", *[""] * (len(header) - 2)])
                 continue
             stats = summary(target, mode)
-            wrk_core = Stat.of(
-                [
-                    s.core_busy.get(loadgen_core, 0.0)
-                    for s in samples(target, mode)
-                    if loadgen_core is not None
-                ]
-            )
+            wrk_core = None
+            if loadgen_core is not None:
+                wrk_core = Stat.of([s.cpu.core_busy.get(loadgen_core, 0.0) for s in samples(target, mode)])
             errors = sum(s.wrk.errors for s in samples(target, mode))
             rows.append(
                 [
@@ -126,52 +137,48 @@ def print_results(targets: dict[str, Target], modes: dict[str, str], loadgen_cor
                     _cell(stats["rps"], ",.0f"),
                     _cell(stats["p50_us"], ",.0f"),
                     _cell(stats["p99_us"], ",.0f"),
-                    _cell(stats["target_cpu"], ".0f", 100),
-                    _cell(wrk_core, ".0f", 100),
-                    f"{errors:,} ERRORS" if errors else "0",
+                    _percent(stats["target_cpu"]),
+                    _percent(wrk_core),
+                    _percent(stats["others_cpu"]),
+                    f"{errors:,} FAILED" if errors else "0",
                 ]
             )
             if errors:
                 problems.append(f"{target.label}: {errors:,} failed requests in the {mode} runs (see above)")
-        _print_table(
-            rows, ["target", "requests/s", "p50 us", "p99 us", "target CPU %", "wrk core %", "errors"]
-        )
+        _print_table(header, rows)
 
     comp = comparisons(targets)
-    print("\nComparisons  (median of per-round values [min-max])")
-    labels = {
-        "throughput_gateway_over_nginx": "throughput gateway / nginx proxy",
-        "throughput_nginx_over_direct": "throughput nginx proxy / direct backend",
-        "throughput_gateway_over_direct": "throughput gateway / direct backend",
-        "added_p50_us_nginx": "p50 added by nginx proxy at 1 connection (us)",
-        "added_p50_us_gateway": "p50 added by gateway at 1 connection (us)",
-    }
-    for key, label in labels.items():
+    print("\nComparisons  (median of per-round values [min..max])")
+    for key, label in COMPARISON_LABELS.items():
         if key in comp:
-            fmt = "+,.0f" if key.startswith("added") else ".2f"
-            print(f"  {label:<48} {_cell(comp[key], fmt)}")
-    print("\nReference, DESIGN.md section 3 (same kind of 2-core machine; compare ratios, not absolutes)")
+            print(f"  {label:<48} {_cell(comp[key], '+,.0f' if key.startswith('added') else '.2f')}")
+    print("\nReference, DESIGN.md section 3 (a 2-core machine like this one; compare ratios, not absolutes)")
     for name, rps, added in REFERENCE:
         print(f"  {name:<48} {rps:>15} req/s   p50 {added}")
     return problems
 
 
-def saturation_notes(target: Target, placement_loadgen: int | None) -> list[str]:
-    """Flags throughput rounds where the target had CPU to spare while the load generator's core was
-    full: the number then measures wrk and the backend, not the target."""
-    if placement_loadgen is None:
-        return []
+def notes(target: Target, loadgen_core: int | None) -> list[str]:
+    """Rounds whose numbers measure something other than the target, found from the CPU figures."""
+    found = []
     starved = [
         s.round
         for s in samples(target, "throughput")
-        if s.target_cpu < 0.85 and s.core_busy.get(placement_loadgen, 0.0) > 0.95
+        if loadgen_core is not None and s.cpu.target < 0.85 and s.cpu.core_busy.get(loadgen_core, 0.0) > 0.95
     ]
-    if not starved:
-        return []
-    return [
-        f"{target.label}: in round(s) {starved} the target used under 85% of its core while the load "
-        f"generator's core was full; its requests/s there is a lower bound"
-    ]
+    if starved:
+        found.append(
+            f"{target.label}: in throughput round(s) {starved} the target used under 85% of its core while "
+            "the load generator's core was full; requests/s there is a lower bound"
+        )
+    disturbed = sorted({s.round for s in target.samples if s.cpu.others > OTHERS_DISTURB})
+    if disturbed:
+        found.append(
+            f"{target.label}: in round(s) {disturbed} programs outside the benchmark used over "
+            f"{100 * OTHERS_DISTURB:.0f}% of a core; those rounds were disturbed (medians resist a few "
+            "such rounds; rerun on a quiet machine if most rounds are)"
+        )
+    return found
 
 
 def to_json(targets: dict[str, Target], header: dict[str, object], problems: list[str]) -> dict[str, object]:
@@ -184,7 +191,7 @@ def to_json(targets: dict[str, Target], header: dict[str, object], problems: lis
             "verification": t.verification,
             "summary": {
                 mode: {name: (st.to_json() if st else None) for name, st in summary(t, mode).items()}
-                for mode in ("throughput", "latency")
+                for mode in MODES
             },
             "samples": [s.to_json() for s in t.samples],
         }

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nginx
-from procs import Child, Supervisor, descendants, free_port, wait_for_port
+from procs import Child, CpuUsage, Supervisor, descendants, free_port, wait_for_port
 from wrk import INFER_BODY, WrkResult
 
 PUBLIC_PATH = f"/v2/models/{nginx.PUBLIC_MODEL}/infer"
@@ -39,16 +39,22 @@ class Sample:
     round: int
     mode: str  # "throughput" or "latency"
     wrk: WrkResult
-    target_cpu: float  # CPU seconds per second of the target's processes: 1.0 = one core busy
-    core_busy: dict[int, float]
+    cpu: CpuUsage
+
+    @property
+    def target_cpu(self) -> float:
+        return self.cpu.target
 
     def to_json(self) -> dict[str, object]:
+        cpu = {k: round(getattr(self.cpu, k), 3) for k in ("target", "backend", "loadgen", "others")}
         return {
             "round": self.round,
             "mode": self.mode,
             **self.wrk.to_json(),
-            "target_cpu": round(self.target_cpu, 3),
-            "core_busy": {str(c): round(b, 3) for c, b in self.core_busy.items()},
+            "cpu_cores": {
+                **cpu,
+                "per_core_busy": {str(c): round(b, 3) for c, b in self.cpu.core_busy.items()},
+            },
         }
 
 
