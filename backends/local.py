@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from backends.example import MODELS
 from backends.knobs import Knobs, KnobsSource
 
 LOG = logging.getLogger("backends.local")
@@ -81,8 +82,26 @@ class VersionSpec:
     log_path: str | os.PathLike[str] | None = None  # None: a temporary file, removed on stop
 
     @classmethod
-    def one(cls, model: str, version: int, http_port: int, **kwargs: object) -> VersionSpec:
-        return cls(targets=((model, version),), http_port=http_port, **kwargs)  # type: ignore[arg-type]
+    def one(
+        cls,
+        model: str,
+        version: int,
+        http_port: int,
+        *,
+        delay_ms: float = 0.0,
+        error_rate: float = 0.0,
+        knobs_file: str | os.PathLike[str] | None = None,
+        log_path: str | os.PathLike[str] | None = None,
+    ) -> VersionSpec:
+        """The usual case: a process hosting one version, with gRPC and metrics on any free port."""
+        return cls(
+            targets=((model, version),),
+            http_port=http_port,
+            delay_ms=delay_ms,
+            error_rate=error_rate,
+            knobs_file=knobs_file,
+            log_path=log_path,
+        )
 
 
 class TritonProcess:
@@ -90,6 +109,9 @@ class TritonProcess:
 
     def __init__(self, spec: VersionSpec) -> None:
         Knobs(delay_ms=spec.delay_ms, error_rate=spec.error_rate)  # fail here, not in the child
+        unknown = sorted({m for m, _ in spec.targets} - set(MODELS))
+        if unknown:
+            raise StartError(f"unknown model(s) {unknown}; this launcher serves: {', '.join(MODELS)}")
         for port in (spec.http_port, spec.grpc_port, spec.metrics_port):
             if port is not None and not port_is_free(port):
                 raise StartError(f"port {port} is already in use on 127.0.0.1")
@@ -200,6 +222,7 @@ class TritonProcess:
 
     def kill(self) -> None:
         """Kill the whole process group at once, like a crash; also reaps and cleans up after it."""
+        shared = self._shared_memory() if self.alive() else set()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._proc.pid, signal.SIGKILL)
         self._proc.wait()
@@ -207,7 +230,7 @@ class TritonProcess:
         deadline = time.monotonic() + 5.0
         while self.leftovers() and time.monotonic() < deadline:
             time.sleep(0.01)
-        self._cleanup()
+        self._cleanup(shared)
 
     def leftovers(self) -> list[int]:
         """Live processes of this version's process group (tritonserver, stubs); [] once it is stopped.
@@ -224,11 +247,22 @@ class TritonProcess:
                     found.append(int(stat.parent.name))
         return found
 
-    def _cleanup(self) -> None:
+    def _shared_memory(self) -> set[Path]:
+        """PyTriton's and the Python backend's shared memory segments, found through the group's mappings:
+        a graceful stop removes them, a SIGKILL does not."""
+        found = set()
+        for pid in self.leftovers():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                    path = line.split(maxsplit=5)[-1]
+                    if path.startswith(("/dev/shm/psm_", "/dev/shm/pytrtion")):
+                        found.add(Path(path.removesuffix(" (deleted)")))
+        return found
+
+    def _cleanup(self, shared: set[Path]) -> None:
         _running.discard(self)
-        # Shared memory that the Python backend names after this process; a killed process leaves it behind.
-        for leftover in Path("/dev/shm").glob(f"pytrtion{self._proc.pid}-*"):
-            leftover.unlink(missing_ok=True)
+        for segment in shared:
+            segment.unlink(missing_ok=True)
         if self.log_path.parent == self._workdir:
             self._last_log = self.logs(200)  # the temporary log goes with the directory; keep its tail
         shutil.rmtree(self._workdir, ignore_errors=True)
@@ -312,6 +346,8 @@ def _serve_version(args: argparse.Namespace) -> int:
     if not targets:
         raise SystemExit("name the version to serve: --model NAME --version N (or --target NAME/N)")
     names = [m for m, _ in targets]
+    if unknown := sorted(set(names) - set(MODELS)):
+        raise SystemExit(f"unknown model(s) {unknown}; this launcher serves: {', '.join(MODELS)}")
     if len(set(names)) != len(names):
         raise SystemExit("one process cannot host two versions of one model name; start one per version")
     try:

@@ -32,7 +32,7 @@ LOG = logging.getLogger("backends.serve")
 
 # Triton waits this long for in-flight requests when told to stop; its default, 30 s, would make every
 # stop of a version with a hung request take half a minute.
-EXIT_TIMEOUT_S = 2
+EXIT_TIMEOUT_S = 3
 # How often the hang and delay loops look at the stop flag and the knobs file.
 TICK_S = 0.05
 

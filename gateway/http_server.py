@@ -205,6 +205,8 @@ class ClientConnection(asyncio.Protocol):
         request = self._reading
         assert request is not None
         self._count_head(len(name) + len(value) + 4)
+        if request.method:  # a trailer field after a chunked body: never merged into the header section
+            return
         if len(request.headers) >= self._settings.max_headers:
             self._reject(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many request headers")
         request.headers.append((name.lower(), value))
@@ -215,10 +217,15 @@ class ClientConnection(asyncio.Protocol):
         parser = self._parser
         request.method = parser.get_method().decode()
         request.http_version = parser.get_http_version()
-        request.keep_alive = parser.should_keep_alive()
+        request.keep_alive = parser.should_keep_alive() and not parser.should_upgrade()
         target = request.target.decode("latin-1")
+        if not target.startswith("/") and "://" in target:  # absolute-form, RFC 9112 section 3.2.2
+            target = "/" + target.partition("://")[2].partition("/")[2]
         path, _, request.query = target.partition("?")
         request.path = path
+        hosts = sum(1 for name, _ in request.headers if name == b"host")
+        if hosts > 1 or (hosts == 0 and request.http_version == "1.1"):
+            self._reject(HTTPStatus.BAD_REQUEST, "an HTTP/1.1 request needs exactly one Host header")
         length = request.header(b"content-length")
         if length is not None and int(length) > self._settings.max_body_size:
             self._reject(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, self._too_large())
@@ -227,6 +234,10 @@ class ClientConnection(asyncio.Protocol):
             request.expect_continue = True
             if self._active is None and not self._queue:
                 self._send_continue()
+            else:
+                # The client waits for our 100 before sending the body; its clock starts when we send it.
+                self._arm(self._settings.keepalive_timeout)
+                return
         self._arm(self._settings.body_timeout)
 
     def on_body(self, body: bytes) -> None:
@@ -260,7 +271,7 @@ class ClientConnection(asyncio.Protocol):
     def respond(self, status: int, headers: Headers, body: bytes) -> None:
         """Send a whole response to the active request."""
         self.start_response(status, headers, len(body))
-        if body:
+        if body and self._active is not None and self._active.method != "HEAD":
             self.write(body)
         self.end_response()
 
@@ -269,11 +280,15 @@ class ClientConnection(asyncio.Protocol):
         request = self._active
         assert request is not None and not self._response_started
         self._response_started = True
-        keep_alive = request.keep_alive and not self._draining
+        keep_alive = request.keep_alive and not (self._draining and not self._queue)
         parts = [status_line(status)]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
-        if content_length is not None:
+        if status in (204, 304) or request.method == "HEAD":
+            self._response_chunked = False  # no body whatever the backend said (RFC 9110 section 6.4.1)
+            if content_length is not None and status != 204:
+                parts.append(b"content-length: %d\r\n" % content_length)
+        elif content_length is not None:
             parts.append(b"content-length: %d\r\n" % content_length)
             self._response_chunked = False
         elif request.http_version == "1.1":
@@ -384,6 +399,7 @@ class ClientConnection(asyncio.Protocol):
         if self._transport is not None and not self._closed:
             self._transport.write(_CONTINUE)
         self._continue_sent = True
+        self._arm(self._settings.body_timeout)
 
     def _count_head(self, size: int) -> None:
         self._head_size += size

@@ -155,14 +155,14 @@ class Gateway:
         head = [b"POST ", path, b" HTTP/1.1\r\nhost: ", route.host, b"\r\n"]
         forwarded_for = None
         drop = _DROP_REQUEST
-        connection = request.header(b"connection")
+        connection = b",".join(value for name, value in request.headers if name == b"connection") or None
         if connection is not None and connection.lower() not in (b"close", b"keep-alive"):
             # Headers named in Connection are hop-by-hop too (RFC 9110 section 7.6.1).
             drop = drop | {token.strip().lower() for token in connection.split(b",")}
         for name, value in request.headers:
             if name in drop:
                 if name == b"x-forwarded-for":
-                    forwarded_for = value
+                    forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
                 continue
             head += (name, b": ", value, b"\r\n")
         client = request.client.encode()
@@ -204,7 +204,7 @@ class Gateway:
             status, payload = 500, {"error": "internal error"}
         if conn.closed:
             return
-        body = b"" if request.method == "HEAD" else json.dumps(payload).encode()
+        body = json.dumps(payload).encode()  # for HEAD only its length is sent
         conn.respond(status, [_JSON, (b"x-request-id", request_id_of(request))], body)
 
 

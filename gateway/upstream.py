@@ -60,6 +60,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._content_length: int | None = None
         self._chunked = False
         self._headers_done = False
+        self._interim = False  # a 1xx response: skipped, the final one follows on the same exchange
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         self.idle_since = 0.0
@@ -119,6 +120,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            self._interim = True
+            self._headers = []
+            return
         self._headers_done = True
         for name, value in self._headers:
             if name == b"content-length":
@@ -126,7 +132,6 @@ class UpstreamConnection(asyncio.Protocol):
             elif name == b"transfer-encoding" and b"chunked" in value.lower():
                 self._chunked = True
         if self._listener is not None:
-            status = self._parser.get_status_code()
             self._listener.upstream_headers(status, self._headers, self._content_length)
 
     def on_body(self, body: bytes) -> None:
@@ -134,6 +139,9 @@ class UpstreamConnection(asyncio.Protocol):
             self._listener.upstream_body(body)
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self._finish(reusable=self._parser.should_keep_alive())
 
     # -- internals ---------------------------------------------------------------------------------

@@ -107,7 +107,13 @@ class FaultBackend:
         return self
 
     def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        def cancel_and_stop() -> None:
+            for task in asyncio.all_tasks(self._loop):
+                task.cancel()
+            self._loop.call_later(0.05, self._loop.stop)
+
+        self._loop.call_soon_threadsafe(cancel_and_stop)
+        self._thread.join(5)
 
 
 @contextmanager

@@ -124,14 +124,14 @@ def test_hang_can_be_released_and_stopped(servers: Servers, caplog: pytest.LogCa
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         hung = pool.submit(infer, spare, 3, BATCH, timeout=30.0)
         time.sleep(0.5)
-        # A version with a request in flight still stops promptly, tritonserver and stubs included.
-        started = time.monotonic()
+        # A version with a request in flight still stops gracefully (no SIGKILL needed), tritonserver and
+        # stubs included.
         spare.stop()
-        assert time.monotonic() - started < 8.0
         with pytest.raises(Exception):  # noqa: B017 - an error status or a closed connection, both fine
             hung.result()
+    assert "did not stop" not in caplog.text
+    assert "left processes" not in caplog.text
     assert spare.leftovers() == []
-    assert "left processes" not in caplog.text  # the graceful stop alone took everything down
     assert port_is_free(spare.http_port)
 
 
