@@ -9,8 +9,12 @@ PyTriton model on the CPU and the TorchScript model on a GPU Triton.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+
+Array = npt.NDArray[Any]
 
 MODEL_NAME = "fraud_detector"
 INPUT_NAME = "INPUT__0"
@@ -34,7 +38,7 @@ INPUTS = (TensorSpec(INPUT_NAME, np.float32, (-1,)),)
 OUTPUTS = (TensorSpec(SCORE_OUTPUT, np.float32, (1,)), TensorSpec(VERSION_OUTPUT, np.int32, (1,)))
 
 
-def expected_outputs(version: int, batch: np.ndarray) -> dict[str, np.ndarray]:
+def expected_outputs(version: int, batch: Array) -> dict[str, Array]:
     """What version `version` answers for `batch` ([batch, n] FP32): score = sum(row) * v + v, and v.
 
     Version 3 on [[1, 2, 3, 4]] gives OUTPUT__0 [[33.0]] and OUTPUT__1 [[3]].

@@ -21,22 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig
 
 from backends import example
+from backends.example import Array
 from backends.knobs import HANG_SECONDS, KnobsSource
 
 LOG = logging.getLogger("backends.serve")
 
-# Triton waits this long for in-flight requests when told to stop; its default, 30 s, would make every
-# stop of a version with a hung request take half a minute.
+# How long Triton waits for in-flight requests and model unload when told to stop. Unloading the Python
+# model takes about 2 s, so 3 lets Triton exit cleanly, while its default of 30 s would make every stop
+# of a version with a hung request take half a minute.
 EXIT_TIMEOUT_S = 3
 # How often the hang and delay loops look at the stop flag and the knobs file.
 TICK_S = 0.05
 
-InferFn = Callable[[list[Any]], Awaitable[list[dict[str, np.ndarray]]]]
+InferFn = Callable[[list[Any]], Awaitable[list[dict[str, Array]]]]
 
 
 class InjectedError(RuntimeError):
@@ -66,7 +67,7 @@ def ensure_libdir_on_library_path() -> None:
 
 def make_infer(
     version: int,
-    compute: Callable[[int, np.ndarray], dict[str, np.ndarray]],
+    compute: Callable[[int, Array], dict[str, Array]],
     knobs: KnobsSource,
     stopping: threading.Event,
 ) -> InferFn:
@@ -81,7 +82,7 @@ def make_infer(
                 return
             await asyncio.sleep(min(TICK_S, remaining))
 
-    async def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
+    async def infer(requests: list[Any]) -> list[dict[str, Array]]:
         # Knobs act per call, and with dynamic batching one call can carry several requests: an injected
         # error fails them all, which keeps the expected share of failed requests equal to error_rate.
         k = knobs.current()

@@ -19,12 +19,15 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"{args.file}: {len(exc.issues)} error(s); nothing was loaded", file=sys.stderr)
         return 1
     versions = sum(len(m.versions) for m in table.models.values())
-    print(f"{args.file}: OK, {len(table.models)} model(s), {versions} version(s), revision {table.revision[:12]}")
+    summary = f"{len(table.models)} model(s), {versions} version(s), revision {table.revision[:12]}"
+    print(f"{args.file}: OK, {summary}")
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     options = server.ServeOptions(
         config=args.config,
         host=args.host,
@@ -58,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    validate = commands.add_parser("validate", help="check a routes file; exit 1 with every error if it is bad")
+    validate = commands.add_parser(
+        "validate", help="check a routes file; exit 1 with every error if it is bad"
+    )
     validate.add_argument("file")
     validate.set_defaults(func=_validate)
 

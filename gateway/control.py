@@ -71,13 +71,15 @@ class Control:
                 except ValueError:
                     payload = None
                 return response.status, payload
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc) or type(exc).__name__
             raise ConnectionError(f"backend {backend.name} is unavailable: {reason}") from exc
 
     async def version_ready(self, table: RouteTable, version: Version) -> tuple[bool, str]:
         try:
-            status, _ = await self._get(table.backends[version.backend], triton_model_path(version) + "/ready")
+            status, _ = await self._get(
+                table.backends[version.backend], triton_model_path(version) + "/ready"
+            )
         except ConnectionError as exc:
             return False, str(exc)
         return status == 200, "" if status == 200 else f"backend {version.backend} says not ready ({status})"
@@ -137,7 +139,13 @@ class Control:
         answers = await asyncio.gather(
             *(self._model_ready(table, router, model, None) for model in table.models.values())
         )
-        problems = [f"model {name}: {body['error']}" for name, (status, body) in zip(table.models, answers) if status != 200]
-        answer: Answer = (503, {"ready": False, "error": "; ".join(problems)}) if problems else (200, {"ready": True})
+        problems = [
+            f"model {name}: {body['error']}"
+            for name, (status, body) in zip(table.models, answers, strict=True)
+            if status != 200
+        ]
+        answer: Answer = (
+            (503, {"ready": False, "error": "; ".join(problems)}) if problems else (200, {"ready": True})
+        )
         self._ready_at, self._ready_answer = now, answer
         return answer

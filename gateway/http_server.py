@@ -14,6 +14,7 @@ within `header_timeout`, its body within `body_timeout`, and an idle keep-alive 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -166,10 +167,8 @@ class ClientConnection(asyncio.Protocol):
                 return
             if exc.__context__ is not None:
                 log.error("error while parsing a request", exc_info=exc.__context__)
-            try:
+            with contextlib.suppress(_Rejected):
                 self._reject(HTTPStatus.BAD_REQUEST, f"malformed HTTP request: {exc}")
-            except _Rejected:
-                pass
 
     def eof_received(self) -> bool:
         # A client may half-close after its last request; answer what we have, then close.
@@ -412,11 +411,8 @@ class ClientConnection(asyncio.Protocol):
     def _on_timeout(self) -> None:
         self._timer = None
         if self._reading is not None:
-            message = "request was not received in time"
-            try:
-                self._reject(HTTPStatus.REQUEST_TIMEOUT, message)
-            except _Rejected:
-                pass
+            with contextlib.suppress(_Rejected):
+                self._reject(HTTPStatus.REQUEST_TIMEOUT, "request was not received in time")
         elif self._active is None and not self._queue:
             self._close()
 

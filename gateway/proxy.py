@@ -135,7 +135,9 @@ class Gateway:
         version = self._pick(model, pin, request)
         if version is None:
             if pin:
-                message = f"model {model.name} has no version or alias {pin!r}; versions: " + ", ".join(model.versions)
+                message = f"model {model.name} has no version or alias {pin!r}; versions: " + ", ".join(
+                    model.versions
+                )
                 self.respond_error(conn, 404, message)
             else:
                 self.respond_error(conn, 503, f"no version of model {model.name} is taking traffic")

@@ -46,7 +46,11 @@ class Target:
     version: str = ""  # "" when the path names no version
 
 
-_MODEL_SUFFIXES = {"": Endpoint.MODEL_METADATA, "ready": Endpoint.MODEL_READY, "config": Endpoint.MODEL_CONFIG}
+_MODEL_SUFFIXES = {
+    "": Endpoint.MODEL_METADATA,
+    "ready": Endpoint.MODEL_READY,
+    "config": Endpoint.MODEL_CONFIG,
+}
 
 
 def parse_path(path: str) -> Target | None:

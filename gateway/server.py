@@ -73,7 +73,9 @@ async def serve_forever(table: RouteTable, options: ServeOptions) -> None:
     while connections and loop.time() < deadline:
         await asyncio.sleep(0.05)
     if connections:
-        log.warning("%d connection(s) still busy after %gs; closing them", len(connections), options.shutdown_timeout)
+        log.warning(
+            "%d connection(s) still busy after %gs; closing them", len(connections), options.shutdown_timeout
+        )
     await gateway.close()
 
 

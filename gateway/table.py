@@ -34,7 +34,9 @@ class Version:
     backend: str  # name of a Backend in the same table
     triton_model: str  # Triton's own model name
     triton_version: str  # Triton's numeric version as text, "" to let Triton choose
-    metadata: Mapping[str, Any] = field(default_factory=lambda: EMPTY)  # training data hash, metrics, commit: reported, never interpreted
+    metadata: Mapping[str, Any] = field(
+        default_factory=lambda: EMPTY
+    )  # training data hash, metrics, commit: reported, never interpreted
 
 
 @dataclass(frozen=True, slots=True)

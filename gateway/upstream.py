@@ -256,10 +256,12 @@ class Pool:
                 self.loop.create_connection(lambda: UpstreamConnection(self), backend.host, backend.port),
                 backend.connect_timeout,
             )
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             self._opening -= 1
             reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else exc.strerror or str(exc)
-            callback(None, f"cannot connect to backend {backend.name} ({backend.host}:{backend.port}): {reason}")
+            callback(
+                None, f"cannot connect to backend {backend.name} ({backend.host}:{backend.port}): {reason}"
+            )
             if self._waiters and self.size < backend.max_connections and not self._closed:
                 self._open(self._waiters.popleft())
             return

@@ -52,7 +52,7 @@ import nginx
 import report
 import targets as tg
 import wrk
-from procs import Supervisor, cpu_meter, descendants, set_affinity, usable_cores
+from procs import Supervisor, background_load, cpu_meter, descendants, set_affinity, usable_cores
 from targets import Sample, Target
 
 REPO = Path(__file__).resolve().parent.parent
@@ -150,6 +150,7 @@ def header(args: argparse.Namespace, placement: Placement) -> dict[str, object]:
         "machine": {
             "cores_online": os.cpu_count(),
             "cores_usable": usable_cores(),
+            "background_load_cores": round(background_load(), 3),
             "platform": platform.platform(),
             "python": platform.python_version(),
             "nginx": _first_line([nginx.nginx_binary(), "-v"]),
@@ -178,6 +179,9 @@ def print_header(head: dict[str, object], args: argparse.Namespace) -> None:
         f"{machine['platform']}"
     )
     print(f"  tools:     {machine['nginx']}; {machine['wrk']}")
+    load = float(machine["background_load_cores"])
+    busy = "  !! the machine is busy; results will be disturbed" if load > report.OTHERS_DISTURB else ""
+    print(f"  before:    other programs used {100 * load:.0f}% of a core (1 s sample){busy}")
     for i, line in enumerate(placement["description"]):
         print(f"  {'placement:' if i == 0 else '':<10} {line}")
     print(

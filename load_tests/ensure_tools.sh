@@ -33,19 +33,30 @@ fi
 
 policy=/usr/sbin/policy-rc.d
 made_policy=""
+log=$(mktemp)  # apt's chatter goes here, and is shown only if something fails
 cleanup() {
     if [ -n "$made_policy" ]; then $SUDO rm -f "$policy"; fi
+    rm -f "$log"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM  # through the EXIT trap, so the temporary policy-rc.d is removed
 if [ ! -e "$policy" ]; then
     printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
     $SUDO chmod 755 "$policy"
     made_policy=1
 fi
 
+apt() {
+    # `env` because sudo drops the caller's environment.
+    if ! $SUDO env DEBIAN_FRONTEND=noninteractive apt-get "$@" >"$log" 2>&1; then
+        cat "$log" >&2
+        echo "ensure_tools: apt-get $* failed" >&2
+        exit 1
+    fi
+}
+
 echo "ensure_tools: installing$missing ..." >&2
-# `env` because sudo drops the caller's environment.
-$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+apt update -qq
 # shellcheck disable=SC2086  # word splitting of the package list is intended
-$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+apt install -y -qq --no-install-recommends $missing
 echo "ensure_tools: installed$missing" >&2

@@ -192,6 +192,15 @@ class CpuUsage:
         return max(0.0, sum(self.core_busy.values()) - self.target - self.backend - self.loadgen)
 
 
+def background_load(seconds: float = 1.0) -> float:
+    """Cores' worth of CPU in use right now; called before the benchmark starts anything, it is what
+    other programs take, which the results will suffer from."""
+    start = core_busy_seconds()
+    time.sleep(seconds)
+    end = core_busy_seconds()
+    return sum(end[c] - start.get(c, 0.0) for c in end) / seconds
+
+
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime

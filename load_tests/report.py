@@ -149,6 +149,8 @@ def print_results(targets: dict[str, Target], titles: dict[str, str], loadgen_co
 
     comp = comparisons(targets)
     print("\nComparisons  (median of per-round values [min..max])")
+    if not comp:
+        print("  none: they need the direct backend or the nginx proxy measured alongside")
     for key, label in COMPARISON_LABELS.items():
         if key in comp:
             print(f"  {label:<48} {_cell(comp[key], '+,.0f' if key.startswith('added') else '.2f')}")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from backends.local import VersionSpec, start_versions, stop_all
-from backends.up import local_backends, load_routes
+from backends.up import load_routes, local_backends
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,7 +42,9 @@ def main() -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     backends = local_backends(load_routes(args.routes))
     specs = [VersionSpec(b.targets, b.port, log_path=log_dir / f"{b.name}.log") for b in backends]
-    print(f"starting {len(specs)} local Triton server(s), one per version (logs in {log_dir}/) ...", flush=True)
+    print(
+        f"starting {len(specs)} local Triton server(s), one per version (logs in {log_dir}/) ...", flush=True
+    )
     triton = start_versions(specs)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -20,7 +20,9 @@ class TritonFleet:
     v4: TritonProcess
     slow: TritonProcess
 
-    def routes(self, split: str = "{2.1.3: 90, 2.2.0: 10}", extra_model: str = "", slow_timeout: str = "1s") -> str:
+    def routes(
+        self, split: str = "{2.1.3: 90, 2.2.0: 10}", extra_model: str = "", slow_timeout: str = "1s"
+    ) -> str:
         return f"""
 backends:
   triton-a: {{url: "{self.v3.url}", timeout: 10s}}

@@ -48,10 +48,21 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             path, headers, body = await _read_request(reader)
             behaviour = path.split("/")[3] if path.count("/") >= 3 else "echo"
             if behaviour == "echo":
-                writer.write(_ok(json.dumps({"path": path, "headers": headers, "body": body.decode("latin-1")}).encode()))
+                writer.write(
+                    _ok(
+                        json.dumps(
+                            {"path": path, "headers": headers, "body": body.decode("latin-1")}
+                        ).encode()
+                    )
+                )
             elif behaviour == "chunked":
-                pieces = [body[: len(body) // 3], body[len(body) // 3 : 2 * len(body) // 3], body[2 * len(body) // 3 :]]
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                pieces = [
+                    body[: len(body) // 3],
+                    body[len(body) // 3 : 2 * len(body) // 3],
+                    body[2 * len(body) // 3 :],
+                ]
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n")
+                writer.write(b"transfer-encoding: chunked\r\n\r\n")
                 for piece in pieces:
                     if piece:
                         writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))

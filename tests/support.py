@@ -172,7 +172,7 @@ class RawClient:
     def read_response(self, head_request: bool = False) -> Response:
         head = self._read_until(b"\r\n\r\n").decode("latin-1")
         status_line, *lines = head.split("\r\n")
-        _, status, reason = (status_line.split(" ", 2) + [""])[:3]
+        _, status, reason = [*status_line.split(" ", 2), ""][:3]
         headers = [(k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in lines)]
         response = Response(int(status), reason, headers, b"")
         length = response.header("content-length")

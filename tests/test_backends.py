@@ -15,7 +15,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from backends.example import INPUT_NAME, MODEL_NAME, SCORE_OUTPUT, VERSION_OUTPUT, expected_outputs
+from backends.example import INPUT_NAME, MODEL_NAME, SCORE_OUTPUT, VERSION_OUTPUT, Array, expected_outputs
 from backends.knobs import Knobs, KnobsSource, write_knobs
 from backends.local import TritonProcess, VersionSpec, free_port, port_is_free, start_versions, stop_all
 from backends.up import RoutesError, local_backends
@@ -48,7 +48,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
 
 
 def infer(
-    proc: TritonProcess, version: int, batch: np.ndarray, *, binary: bool = True, timeout: float = 60.0
+    proc: TritonProcess, version: int, batch: Array, *, binary: bool = True, timeout: float = 60.0
 ) -> httpclient.InferResult:
     client = httpclient.InferenceServerClient(
         proc.url.removeprefix("http://"), connection_timeout=timeout, network_timeout=timeout
@@ -68,7 +68,7 @@ def test_expected_outputs_formula() -> None:
     out = expected_outputs(3, np.array([[1, 2, 3, 4]], dtype=np.float32))
     assert out[SCORE_OUTPUT].tolist() == [[33.0]]
     assert out[VERSION_OUTPUT].tolist() == [[3]]
-    assert (out[SCORE_OUTPUT].dtype, out[VERSION_OUTPUT].dtype) == (np.float32, np.int32)
+    assert (out[SCORE_OUTPUT].dtype, out[VERSION_OUTPUT].dtype) == (np.dtype(np.float32), np.dtype(np.int32))
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])

@@ -32,15 +32,22 @@ def gw(triton: TritonFleet) -> Iterator[GatewayProcess]:
 
 
 def client_for(process: GatewayProcess) -> triton_http.InferenceServerClient:
-    return triton_http.InferenceServerClient(url=f"127.0.0.1:{process.port}", connection_timeout=30, network_timeout=30)
+    return triton_http.InferenceServerClient(
+        url=f"127.0.0.1:{process.port}", connection_timeout=30, network_timeout=30
+    )
 
 
 def infer(
-    client: triton_http.InferenceServerClient, version: str = "", binary: bool = False, headers: dict[str, str] | None = None
+    client: triton_http.InferenceServerClient,
+    version: str = "",
+    binary: bool = False,
+    headers: dict[str, str] | None = None,
 ) -> triton_http.InferResult:
     tensor = triton_http.InferInput(INPUT_NAME, list(BATCH.shape), "FP32")
     tensor.set_data_from_numpy(BATCH, binary_data=binary)
-    outputs = [triton_http.InferRequestedOutput(name, binary_data=binary) for name in (SCORE_OUTPUT, VERSION_OUTPUT)]
+    outputs = [
+        triton_http.InferRequestedOutput(name, binary_data=binary) for name in (SCORE_OUTPUT, VERSION_OUTPUT)
+    ]
     return client.infer("fraud-detector", [tensor], model_version=version, outputs=outputs, headers=headers)
 
 
@@ -64,7 +71,10 @@ def test_header_pin_and_predict_path(gw: GatewayProcess) -> None:
         {"inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
     )
     conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
-    for path, version, triton_version in (("/predict/fraud-detector/2.2.0", "2.2.0", 4), ("/predict/fraud-detector/stable", "2.1.3", 3)):
+    for path, version, triton_version in (
+        ("/predict/fraud-detector/2.2.0", "2.2.0", 4),
+        ("/predict/fraud-detector/stable", "2.1.3", 3),
+    ):
         conn.request("POST", path, body, {"Content-Type": "application/json", "X-Request-Id": "req-42"})
         response = conn.getresponse()
         payload = json.loads(response.read())
@@ -77,7 +87,9 @@ def test_header_pin_and_predict_path(gw: GatewayProcess) -> None:
     conn.close()
 
 
-def _version_counts(port: int, requests: int, workers: int = 4, headers: dict[str, str] | None = None) -> Counter[str]:
+def _version_counts(
+    port: int, requests: int, workers: int = 4, headers: dict[str, str] | None = None
+) -> Counter[str]:
     body = json.dumps({"inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [1, 2], "data": [1, 1]}]})
 
     def run(count: int) -> Counter[str]:
@@ -135,10 +147,10 @@ def test_unknown_model_and_version_are_404(gw: GatewayProcess) -> None:
 
 def test_backend_down_is_503_and_hung_backend_is_504_within_its_timeout(triton: TritonFleet) -> None:
     dead_port = free_port()
-    extra = f"""
+    extra = """
   orphan:
     versions:
-      "1": {{backend: nowhere, target: fraud_detector/3}}
+      "1": {backend: nowhere, target: fraud_detector/3}
 """
     routes = triton.routes(extra_model=extra).replace(
         "backends:\n", f'backends:\n  nowhere: {{url: "http://127.0.0.1:{dead_port}", timeout: 5s}}\n'
@@ -188,7 +200,9 @@ def test_metadata_readiness_and_config(gw: GatewayProcess) -> None:
 def test_two_workers_share_the_port(triton: TritonFleet) -> None:
     with gateway(triton.routes(), workers=2) as process:
         assert process.process is not None
-        children = subprocess.run(["pgrep", "-P", str(process.process.pid)], capture_output=True, text=True).stdout.split()
+        children = subprocess.run(
+            ["pgrep", "-P", str(process.process.pid)], capture_output=True, text=True
+        ).stdout.split()
         assert len(children) == 2
         counts = _version_counts(process.port, 400, workers=8)
         assert sum(counts.values()) == 400

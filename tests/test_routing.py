@@ -44,8 +44,19 @@ def test_paths_map_to_endpoints(path: str, expected: Target) -> None:
 
 @pytest.mark.parametrize(
     "path",
-    ["/", "/v1/models/m/infer", "/v2/models", "/v2/models/", "/v2/models/m/versions/", "/v2/models/m/explain",
-     "/predict", "/predict/a/b/c", "/v2/health", "/v2/health/dead", "/v2/models/m/infer/extra"],
+    [
+        "/",
+        "/v1/models/m/infer",
+        "/v2/models",
+        "/v2/models/",
+        "/v2/models/m/versions/",
+        "/v2/models/m/explain",
+        "/predict",
+        "/predict/a/b/c",
+        "/v2/health",
+        "/v2/health/dead",
+        "/v2/models/m/infer/extra",
+    ],
 )
 def test_unknown_paths_are_refused(path: str) -> None:
     assert parse_path(path) is None
