@@ -23,6 +23,7 @@ from typing import Protocol, cast
 
 import httptools
 
+from gateway.deadlines import Deadlines
 from gateway.table import ServerSettings
 
 Headers = list[tuple[bytes, bytes]]
@@ -105,13 +106,12 @@ class ClientConnection(asyncio.Protocol):
         handler: Handler,
         on_error: ErrorResponder,
         settings: ServerSettings,
-        connections: set[ClientConnection],
+        connections: Deadlines[ClientConnection],
     ) -> None:
         self._handler = handler
         self._on_error = on_error
         self._settings = settings
         self._connections = connections
-        self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._client = ""
@@ -130,7 +130,7 @@ class ClientConnection(asyncio.Protocol):
         self._write_paused = False
         self._draining = False  # graceful shutdown: finish what is in flight, then close
         self._closed = False
-        self._timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time when the current timeout fires; 0 for none (see Deadlines)
         self.flow: FlowListener | None = None  # set by the handler while it streams a response
         self.on_lost: Callable[[], None] | None = None  # set by the handler while a request is in flight
 
@@ -146,7 +146,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._connections.discard(self)
-        self._cancel_timer()
+        self.deadline = 0.0
         if self._active is not None and self.on_lost is not None:
             on_lost, self.on_lost = self.on_lost, None
             on_lost()
@@ -251,7 +251,7 @@ class ClientConnection(asyncio.Protocol):
         request = self._reading
         assert request is not None
         self._reading = None
-        self._cancel_timer()
+        self.deadline = 0.0  # in flight: the backend's timeout applies, not the client's
         self._queue.append(request)
         if len(self._queue) > MAX_PIPELINED:
             self._pause_reading()
@@ -408,8 +408,7 @@ class ClientConnection(asyncio.Protocol):
     def _too_large(self) -> str:
         return f"request body is larger than the limit of {self._settings.max_body_size} bytes"
 
-    def _on_timeout(self) -> None:
-        self._timer = None
+    def expired(self) -> None:
         if self._reading is not None:
             with contextlib.suppress(_Rejected):
                 self._reject(HTTPStatus.REQUEST_TIMEOUT, "request was not received in time")
@@ -417,14 +416,7 @@ class ClientConnection(asyncio.Protocol):
             self._close()
 
     def _arm(self, delay: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_later(delay, self._on_timeout)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.deadline = self._connections.now() + delay
 
     def _pause_reading(self) -> None:
         if not self._read_paused and self._transport is not None:
@@ -441,7 +433,7 @@ class ClientConnection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(_Discard())
 
     def _close(self) -> None:
-        self._cancel_timer()
+        self.deadline = 0.0
         if self._transport is not None and not self._closed:
             self._transport.close()
         self._closed = True

@@ -9,6 +9,7 @@ belong to one hop are dropped.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from typing import Any
 
 from gateway import control
 from gateway.http_server import ClientConnection, Headers, Request
-from gateway.routing import Endpoint, Router, parse_path
+from gateway.routing import Endpoint, Router, Target, parse_path
 from gateway.table import Model, RouteTable, Version
 from gateway.upstream import Failure, Pool, UpstreamConnection
 
@@ -41,6 +42,12 @@ _DROP_REQUEST = HOP_BY_HOP | {
 _DROP_RESPONSE = HOP_BY_HOP | {b"content-length", b"x-model-version", b"x-request-id", b"proxy-authenticate"}
 _JSON = (b"content-type", b"application/json")
 MAX_REQUEST_ID = 200
+PATH_CACHE_SIZE = 4096
+
+# Generated request ids: a random per-process prefix and a counter, unique across processes and far
+# cheaper than a random number per request. They identify requests; they are not secrets.
+_ID_PREFIX = os.urandom(6).hex().encode()
+_id_counter = itertools.count(1)
 
 
 def error_body(message: str) -> bytes:
@@ -48,13 +55,11 @@ def error_body(message: str) -> bytes:
 
 
 def request_id_of(request: Request) -> bytes:
-    """The caller's X-Request-Id when it is a sane token, else a new random one."""
+    """The caller's X-Request-Id when it is a sane token, else a new unique one."""
     given = request.header(b"x-request-id")
-    if given is not None and 0 < len(given) <= MAX_REQUEST_ID and given.isascii() and b" " not in given:
-        printable = all(33 <= byte <= 126 for byte in given)
-        if printable:
-            return given
-    return os.urandom(16).hex().encode()
+    if given is not None and 0 < len(given) <= MAX_REQUEST_ID and all(33 <= byte <= 126 for byte in given):
+        return given
+    return b"%s-%x" % (_ID_PREFIX, next(_id_counter))
 
 
 class _VersionRoute:
@@ -86,6 +91,7 @@ class Gateway:
         self.table = table
         self.router = Router(table)
         self._routes: dict[tuple[str, str], _VersionRoute] = {}
+        self._targets: dict[str, Target | None] = {}  # parsed paths; clients reuse a handful of them
         self.set_table(table)
 
     def set_table(self, table: RouteTable) -> None:
@@ -114,7 +120,13 @@ class Gateway:
     # -- the request path --------------------------------------------------------------------------
 
     def handle(self, request: Request, conn: ClientConnection) -> None:
-        target = parse_path(request.path)
+        try:
+            target = self._targets[request.path]
+        except KeyError:
+            target = parse_path(request.path)
+            if len(self._targets) >= PATH_CACHE_SIZE:
+                self._targets.clear()  # endless distinct paths get no cache, nothing worse
+            self._targets[request.path] = target
         if target is None:
             self.respond_error(conn, 404, f"no such endpoint: {request.path}")
             return

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from gateway.deadlines import Deadlines, resolution_for
 from gateway.http_server import ClientConnection
 from gateway.proxy import Gateway
 from gateway.table import RouteTable
@@ -51,8 +52,9 @@ async def serve_forever(table: RouteTable, options: ServeOptions) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting and let requests in flight finish."""
     loop = asyncio.get_running_loop()
     gateway = Gateway(table, loop)
-    connections: set[ClientConnection] = set()
     settings = table.server
+    resolution = resolution_for(settings.header_timeout, settings.body_timeout, settings.keepalive_timeout)
+    connections: Deadlines[ClientConnection] = Deadlines(loop, resolution)
 
     def connection() -> ClientConnection:
         return ClientConnection(gateway.handle, gateway.respond_error, settings, connections)
@@ -76,6 +78,7 @@ async def serve_forever(table: RouteTable, options: ServeOptions) -> None:
         log.warning(
             "%d connection(s) still busy after %gs; closing them", len(connections), options.shutdown_timeout
         )
+    connections.close()
     await gateway.close()
 
 

@@ -13,7 +13,6 @@ keep-alive timeout so that a request rarely meets a connection the server is abo
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from collections.abc import Callable
 from enum import Enum
@@ -21,6 +20,7 @@ from typing import Protocol, cast
 
 import httptools
 
+from gateway.deadlines import Deadlines, resolution_for
 from gateway.table import Backend
 
 Headers = list[tuple[bytes, bytes]]
@@ -61,9 +61,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._chunked = False
         self._headers_done = False
         self._interim = False  # a 1xx response: skipped, the final one follows on the same exchange
-        self._timer: asyncio.TimerHandle | None = None
         self._closed = False
-        self.idle_since = 0.0
+        self.deadline = 0.0  # busy: the response's timeout; idle: when to close it (see Deadlines)
 
     # -- use by the proxy --------------------------------------------------------------------------
 
@@ -75,7 +74,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._content_length = None
         self._chunked = False
         self._headers_done = False
-        self._timer = self._pool.loop.call_later(self._pool.backend.timeout, self._on_timeout)
+        self.deadline = self._pool.now() + self._pool.backend.timeout
         self._transport.writelines(data)
 
     def abandon(self) -> None:
@@ -104,7 +103,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._cancel_timer()
+        self.deadline = 0.0
         self._pool.discard(self)
         if self._listener is None:
             return
@@ -147,7 +146,7 @@ class UpstreamConnection(asyncio.Protocol):
     # -- internals ---------------------------------------------------------------------------------
 
     def _finish(self, reusable: bool) -> None:
-        self._cancel_timer()
+        self.deadline = 0.0
         listener, self._listener = self._listener, None
         if reusable and not self._closed:
             self._pool.release(self)
@@ -162,18 +161,15 @@ class UpstreamConnection(asyncio.Protocol):
         if listener is not None:
             listener.upstream_failed(failure, detail)
 
-    def _on_timeout(self) -> None:
-        self._timer = None
+    def expired(self) -> None:
+        if self._listener is None:  # idle too long: close before the server does it under a request
+            self._close()
+            return
         timeout = self._pool.backend.timeout
         self._fail(Failure.TIMEOUT, f"backend {self._pool.backend.name} did not answer within {timeout:g}s")
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
     def _close(self) -> None:
-        self._cancel_timer()
+        self.deadline = 0.0
         if not self._closed:
             self._closed = True
             if self._transport is not None:
@@ -192,12 +188,14 @@ class Pool:
         self.backend = backend
         self.loop = loop
         self._idle: list[UpstreamConnection] = []
-        self._all: set[UpstreamConnection] = set()
+        self._all: Deadlines[UpstreamConnection] = Deadlines(loop, resolution_for(backend.timeout))
         self._opening = 0
         self._waiters: deque[Acquired] = deque()
-        self._sweeper: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+
+    def now(self) -> float:
+        return self._all.now()
 
     @property
     def size(self) -> int:
@@ -222,10 +220,8 @@ class Pool:
         if self._waiters:
             self._waiters.popleft()(connection, "")
             return
-        connection.idle_since = time.monotonic()
+        connection.deadline = self.now() + IDLE_TIMEOUT
         self._idle.append(connection)
-        if self._sweeper is None:
-            self._sweeper = self.loop.call_later(IDLE_TIMEOUT / 2, self._sweep)
 
     def discard(self, connection: UpstreamConnection) -> None:
         self._all.discard(connection)
@@ -240,6 +236,8 @@ class Pool:
         for connection in list(self._idle):
             connection.abandon()
         self._idle.clear()
+        if not self._all:
+            self._all.close()
         while self._waiters:
             self._waiters.popleft()(None, f"backend {self.backend.name} pool is closed")
 
@@ -268,11 +266,3 @@ class Pool:
         self._opening -= 1
         self._all.add(protocol)
         callback(protocol, "")
-
-    def _sweep(self) -> None:
-        self._sweeper = None
-        deadline = time.monotonic() - IDLE_TIMEOUT
-        for connection in [c for c in self._idle if c.idle_since < deadline]:
-            connection.abandon()
-        if self._idle:
-            self._sweeper = self.loop.call_later(IDLE_TIMEOUT / 2, self._sweep)

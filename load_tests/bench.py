@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import FrameType
 
@@ -119,6 +119,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--backend-workers", type=int, help="nginx workers of the backend (default 1 pinned, 2 with --no-pin)"
     )
     p.add_argument("--gateway", type=Path, default=REPO / ".venv/bin/gateway", help="the gateway executable")
+    p.add_argument(
+        "--retry-budget",
+        type=int,
+        default=20,
+        help="extra seconds allowed for measuring again samples that other programs disturbed (default 20)",
+    )
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
     args = p.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -161,6 +167,7 @@ def header(args: argparse.Namespace, placement: Placement) -> dict[str, object]:
             "rounds": args.rounds,
             "duration_s": args.duration,
             "warmup_s": args.warmup,
+            "retry_budget_s": args.retry_budget,
             "throughput": {"threads": args.threads, "connections": args.connections},
             "latency": {"threads": 1, "connections": args.latency_connections},
             "backend_workers": args.backend_workers,
@@ -197,6 +204,7 @@ def progress_line(sample: Sample, target: Target, rounds: int) -> str:
         f"  round {sample.round}/{rounds}  {target.label:<26} {sample.mode:<10} {w.rps:>9,.0f} req/s"
         f"  p50 {w.p50_us:>6,.0f} us  p99 {w.p99_us:>6,.0f} us"
         f"  CPU% target {100 * cpu.target:>3.0f} others {100 * cpu.others:>3.0f}"
+        + (f"  (best of {sample.discarded + 1})" if sample.discarded else "")
     )
 
 
@@ -208,6 +216,7 @@ class Bench:
         self.script = wrk.write_script(sup.workdir)
         self.backend_pids: list[int] = []
         self.targets: dict[str, Target] = {}
+        self.retry_budget = args.retry_budget
 
     def start_targets(self) -> None:
         args, sup, place = self.args, self.sup, self.placement
@@ -250,7 +259,7 @@ class Bench:
         shown = f"; split over {tg.SPLIT_SAMPLE} requests, % per version {split}" if split else ""
         print(f"  check:     {target.label}: v2 answer OK{shown}")
 
-    def measure(self, target: Target, rnd: int, mode: str, duration: float) -> Sample:
+    def measure(self, target: Target, rnd: int, mode: str, duration: int) -> Sample:
         args, place = self.args, self.placement
         latency = mode == "latency"
         threads, conns = (1, args.latency_connections) if latency else (args.threads, args.connections)
@@ -275,6 +284,25 @@ class Bench:
             )
         return Sample(rnd, mode, result, cpu)
 
+    def measure_undisturbed(self, target: Target, rnd: int, mode: str) -> Sample:
+        """Measures again, within the retry budget, while programs outside the benchmark take CPU;
+        keeps the least disturbed measurement. Choosing by outside load, never by the result, does
+        not bias the numbers toward what we hope to see."""
+        best = self.measure(target, rnd, mode, self.args.duration)
+        # A sample with failed requests is always kept: discarding it would hide the failures.
+        while (
+            not best.wrk.errors
+            and best.cpu.others > report.OTHERS_DISTURB
+            and self.retry_budget >= self.args.duration
+        ):
+            self.retry_budget -= self.args.duration
+            took = f"{100 * best.cpu.others:.0f}% of a core"
+            print(f"  ({target.label} {mode}: programs outside the benchmark took {took}; measuring again)")
+            again = self.measure(target, rnd, mode, self.args.duration)
+            keep = again if again.wrk.errors else min(best, again, key=lambda s: s.cpu.others)
+            best = replace(keep, discarded=best.discarded + 1)
+        return best
+
     def run(self) -> int:
         args = self.args
         head = header(args, self.placement)
@@ -291,7 +319,7 @@ class Bench:
         for rnd in range(1, args.rounds + 1):
             for target in live:
                 for mode in modes:
-                    sample = self.measure(target, rnd, mode, args.duration)
+                    sample = self.measure_undisturbed(target, rnd, mode)
                     target.samples.append(sample)
                     print(progress_line(sample, target, args.rounds), flush=True)
         return self.finish(head, modes, live)

@@ -168,9 +168,9 @@ def core_busy_seconds() -> dict[int, float]:
         name, *values = line.split()
         if not name.startswith("cpu") or name == "cpu":
             continue
-        ticks = [int(v) for v in values[:8]]
-        idle = ticks[3] + ticks[4]  # idle + iowait
-        busy[int(name[3:])] = (sum(ticks) - idle) / CLK_TCK
+        user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in values[:7])
+        # Steal (the hypervisor running someone else) is left out: this core did no work then.
+        busy[int(name[3:])] = (user + nice + system + irq + softirq) / CLK_TCK
     return busy
 
 
