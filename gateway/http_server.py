@@ -312,7 +312,9 @@ class ClientConnection(asyncio.Protocol):
         if self._response_chunked:
             self._transport.writelines((head, b"%x\r\n" % len(data), data, b"\r\n"))
         elif head:
-            self._transport.writelines((head, data))
+            self._transport.write(head + data if len(data) <= 16384 else head)
+            if len(data) > 16384:
+                self._transport.write(data)
         else:
             self._transport.write(data)
 

@@ -29,6 +29,10 @@ core: with one request in flight nothing runs in parallel, and on a VM a wake-up
 costs tens of microseconds, which would be counted as latency added by the proxy (a proxy adds two
 such hops). `--latency-placement split` keeps the throughput placement for them.
 `--no-pin` leaves placement to the scheduler (and gives the backend 2 workers by default).
+
+Every measurement also records the CPU used by the target, the backend, wrk, and by programs outside
+the benchmark; a sample that outside programs disturbed is measured again (within --retry-budget),
+and what stays disturbed is named in the report. See load_tests/README.md for how to read it all.
 """
 
 from __future__ import annotations

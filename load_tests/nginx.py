@@ -123,6 +123,10 @@ def start_nginx(supervisor: Supervisor, name: str, conf: str, port: int, core: i
     prefix = supervisor.workdir / name
     for sub in ("logs", "tmp"):
         (prefix / sub).mkdir(parents=True, exist_ok=True)
+    # Started as root, nginx runs its workers as "nobody", who must be able to reach the temp paths
+    # (used for bodies larger than the in-memory buffers) through the private 0700 work directory.
+    for directory in (supervisor.workdir, prefix):
+        directory.chmod(0o711)
     conf_path = prefix / "nginx.conf"
     conf_path.write_text(conf)
     binary = nginx_binary()
