@@ -43,6 +43,7 @@ _DROP_RESPONSE = HOP_BY_HOP | {b"content-length", b"x-model-version", b"x-reques
 _JSON = (b"content-type", b"application/json")
 MAX_REQUEST_ID = 200
 PATH_CACHE_SIZE = 4096
+MAX_MIRRORS_IN_FLIGHT = 128  # shadow copies beyond this are skipped: a slow mirror must not pile up
 
 # Generated request ids: a random per-process prefix and a counter, unique across processes and far
 # cheaper than a random number per request. They identify requests; they are not secrets.
@@ -92,6 +93,8 @@ class Gateway:
         self.router = Router(table)
         self._routes: dict[tuple[str, str], _VersionRoute] = {}
         self._targets: dict[str, Target | None] = {}  # parsed paths; clients reuse a handful of them
+        self.mirrors_in_flight = 0
+        self.mirrors_skipped = 0
         self.set_table(table)
 
     def set_table(self, table: RouteTable) -> None:
@@ -139,6 +142,12 @@ class Gateway:
         if request.method != "POST":
             self.respond_error(conn, 405, f"inference takes POST, not {request.method}")
             return
+        if self.table.keys.required:
+            # API keys arrive with the key store; until then a table that requires them serves nobody
+            # rather than everybody.
+            message = "this gateway requires an API key (keys.required: true) but has no key store yet"
+            self.respond_error(conn, 401, message, [(b"www-authenticate", b"Bearer")])
+            return
         model = self.table.models.get(target.model)
         if model is None:
             self.respond_error(conn, 404, self._unknown_model(target.model))
@@ -157,6 +166,27 @@ class Gateway:
         route = self._routes[(model.name, version.id)]
         exchange = ProxyExchange(self, conn, route, request_id_of(request))
         exchange.start(self._upstream_request(request, route, exchange.request_id))
+        if model.mirror is not None:
+            shadow = self.router.mirror_to(model, version)
+            if shadow is not None:
+                self._mirror(request, self._routes[(model.name, shadow.id)], exchange.request_id)
+
+    def _mirror(self, request: Request, route: _VersionRoute, request_id: bytes) -> None:
+        """Send a shadow copy; its answer is read and dropped, and it never delays the real one."""
+        if self.mirrors_in_flight >= MAX_MIRRORS_IN_FLIGHT:
+            self.mirrors_skipped += 1
+            return
+        payload = self._upstream_request(request, route, request_id, shadow=True)
+        self.mirrors_in_flight += 1
+        shadow = ShadowExchange(self)
+
+        def connected(upstream: UpstreamConnection | None, why: str) -> None:
+            if upstream is None:
+                shadow.upstream_failed(Failure.CONNECT, why)
+            else:
+                upstream.send(payload, shadow)
+
+        route.pool.acquire(connected)
 
     def _pick(self, model: Model, pin: str, request: Request) -> Version | None:
         if pin:
@@ -164,7 +194,9 @@ class Gateway:
         sticky = request.header(model.sticky_header.encode()) if model.sticky_header else None
         return self.router.choose(model, sticky)
 
-    def _upstream_request(self, request: Request, route: _VersionRoute, request_id: bytes) -> list[bytes]:
+    def _upstream_request(
+        self, request: Request, route: _VersionRoute, request_id: bytes, shadow: bool = False
+    ) -> list[bytes]:
         path = route.path if not request.query else route.path + b"?" + request.query.encode("latin-1")
         head = [b"POST ", path, b" HTTP/1.1\r\nhost: ", route.host, b"\r\n"]
         forwarded_for = None
@@ -185,6 +217,7 @@ class Gateway:
             forwarded_for + b", " + client if forwarded_for else client,
             b"\r\nx-request-id: ",
             request_id,
+            b"\r\nx-gateway-shadow: 1" if shadow else b"",
             b"\r\ncontent-length: %d\r\n\r\n" % request.body_size,
         )
         return [b"".join(head), *request.body]
@@ -220,6 +253,28 @@ class Gateway:
             return
         body = json.dumps(payload).encode()  # for HEAD only its length is sent
         conn.respond(status, [_JSON, (b"x-request-id", request_id_of(request))], body)
+
+
+class ShadowExchange:
+    """Receives a mirrored request's answer and drops it."""
+
+    __slots__ = ("_gateway",)
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def upstream_headers(self, status: int, headers: Headers, content_length: int | None) -> None:
+        pass
+
+    def upstream_body(self, data: bytes) -> None:
+        pass
+
+    def upstream_done(self) -> None:
+        self._gateway.mirrors_in_flight -= 1
+
+    def upstream_failed(self, failure: Failure, detail: str) -> None:
+        self._gateway.mirrors_in_flight -= 1
+        log.debug("shadow request failed: %s", detail)
 
 
 class ProxyExchange:

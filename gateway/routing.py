@@ -140,16 +140,33 @@ class Router:
     applied by building a new Router, never by mutating one in place.
     """
 
-    __slots__ = ("_counters", "_sequences", "_splits", "table")
+    __slots__ = ("_counters", "_mirror_credit", "_sequences", "_splits", "table")
 
     def __init__(self, table: RouteTable, weights: Mapping[str, tuple[tuple[str, int], ...]] | None = None):
         self.table = table
         self._splits = {name: (weights or {}).get(name, model.split) for name, model in table.models.items()}
         self._sequences = {name: split_sequence(split) for name, split in self._splits.items()}
         self._counters = dict.fromkeys(table.models, 0)
+        self._mirror_credit = dict.fromkeys(table.models, 0.0)
 
     def split_of(self, model: str) -> tuple[tuple[str, int], ...]:
         return self._splits[model]
+
+    def mirror_to(self, model: Model, answering: Version) -> Version | None:
+        """The version that gets a shadow copy of this request, if any.
+
+        Credit accumulates by `percent` per request and a copy goes out each time it reaches 100, so the
+        share of mirrored requests is exact over any window rather than random.
+        """
+        mirror = model.mirror
+        if mirror is None or mirror.to == answering.id:
+            return None
+        credit = self._mirror_credit[model.name] + mirror.percent
+        if credit >= 100.0:
+            self._mirror_credit[model.name] = credit - 100.0
+            return model.versions[mirror.to]
+        self._mirror_credit[model.name] = credit
+        return None
 
     def choose(self, model: Model, sticky_value: bytes | None) -> Version | None:
         """The version for a request that names none; None when the model has no traffic weight at all."""

@@ -48,6 +48,21 @@ def listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
+def not_yet_enforced(table: RouteTable) -> list[str]:
+    """Settings the file may hold that this build accepts but does not act on yet."""
+    notes = []
+    for model in table.models.values():
+        if model.rollout is not None:
+            notes.append(f"model {model.name}: rollout is not automated yet; the split in the file applies")
+        if model.limit is not None:
+            notes.append(f"model {model.name}: limit is not enforced yet")
+    if table.keys.required:
+        notes.append("keys.required is true and there is no key store yet: inference answers 401")
+    if table.keys.default_limit is not None:
+        notes.append("keys.default_limit is not enforced yet")
+    return notes
+
+
 async def serve_forever(table: RouteTable, options: ServeOptions) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting and let requests in flight finish."""
     loop = asyncio.get_running_loop()
@@ -59,6 +74,8 @@ async def serve_forever(table: RouteTable, options: ServeOptions) -> None:
     def connection() -> ClientConnection:
         return ClientConnection(gateway.handle, gateway.respond_error, settings, connections)
 
+    for note in not_yet_enforced(table):
+        log.warning("%s", note)
     sock = listen_socket(options.host, options.port, options.reuse_port)
     server = await loop.create_server(connection, sock=sock)
     stop = asyncio.Event()

@@ -294,8 +294,11 @@ class Bench:
         not bias the numbers toward what we hope to see."""
         best = self.measure(target, rnd, mode, self.args.duration)
         # A sample with failed requests is always kept: discarding it would hide the failures.
+        # One more run per sample at most: a disturbance that outlasts it is a long one, and the
+        # budget is better spent on other samples.
         while (
             not best.wrk.errors
+            and best.discarded < 1
             and best.cpu.others > report.OTHERS_DISTURB
             and self.retry_budget >= self.args.duration
         ):

@@ -20,6 +20,7 @@ The behaviour is chosen by the Triton model name in the path the gateway forward
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 from collections.abc import Iterator
@@ -42,10 +43,14 @@ def _ok(body: bytes, extra: str = "") -> bytes:
     return head.encode() + body
 
 
-async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+Received = list[tuple[str, dict[str, str], bytes]]
+
+
+async def _serve(received: Received, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         while True:
             path, headers, body = await _read_request(reader)
+            received.append((path, headers, body))
             behaviour = path.split("/")[3] if path.count("/") >= 3 else "echo"
             if behaviour == "echo":
                 writer.write(
@@ -101,13 +106,16 @@ class FaultBackend:
 
     def __init__(self) -> None:
         self.port = 0
+        self.received: Received = []  # every request, as (path, headers, body), in arrival order
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(asyncio.start_server(_serve, "127.0.0.1", 0))
+        server = self._loop.run_until_complete(
+            asyncio.start_server(functools.partial(_serve, self.received), "127.0.0.1", 0)
+        )
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         self._loop.run_forever()

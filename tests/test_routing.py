@@ -5,12 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 from types import MappingProxyType
 
 import pytest
 
 from gateway.routing import Endpoint, Router, Target, parse_path, split_sequence, sticky_choice
-from gateway.table import Backend, Model, RouteTable, Version
+from gateway.table import Backend, Mirror, Model, RouteTable, Version
 
 
 def make_table(split: tuple[tuple[str, int], ...], sticky: str | None = None) -> RouteTable:
@@ -145,3 +146,15 @@ def test_sticky_assignment_is_the_same_in_another_process() -> None:
     )
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert there.strip().split(",") == here
+
+
+def test_mirror_share_is_exact_over_every_window() -> None:
+    table = make_table((("base", 100), ("shadow", 0)))
+    model = replace(table.models["fraud-detector"], mirror=Mirror("shadow", 10.0))
+    table = replace(table, models=MappingProxyType({"fraud-detector": model}))
+    router = Router(table)
+    base = model.versions["base"]
+    hits = [router.mirror_to(model, base) is not None for _ in range(1000)]
+    for start in range(0, 900, 13):
+        assert sum(hits[start : start + 100]) == 10
+    assert router.mirror_to(model, model.versions["shadow"]) is None  # never a copy of its own request
