@@ -35,6 +35,10 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         reuse_port=args.reuse_port,
         shutdown_timeout=args.shutdown_timeout,
+        admin_host=args.admin_host,
+        admin_port=None if args.no_admin else args.admin_port,
+        state_dir=args.state_dir,
+        worker_index=args.worker_index,
     )
     try:
         table = config.load_table(args.config)
@@ -43,17 +47,12 @@ def _serve(args: argparse.Namespace) -> int:
             print(issue, file=sys.stderr)
         print(f"{args.config}: not serving, fix the error(s) above", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"cannot read {args.config}: {exc.strerror}", file=sys.stderr)
-        return 1
-    if args.workers > 1:
-        argv = ["serve", "--config", args.config, "--host", args.host, "--port", str(args.port)]
-        argv += ["--shutdown-timeout", str(args.shutdown_timeout), "--log-level", args.log_level]
-        return server.supervise(options, argv)
+    argv = ["serve", "--config", args.config, "--host", args.host, "--port", str(args.port)]
+    argv += ["--shutdown-timeout", str(args.shutdown_timeout), "--log-level", args.log_level]
     try:
-        return server.run_worker(table, options)
+        return server.run(table, options, argv)
     except OSError as exc:
-        print(f"cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+        print(f"gateway: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
 
 
@@ -74,7 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--admin-host", default="127.0.0.1", help="admin address (default: loopback only)")
+    serve.add_argument("--admin-port", type=int, default=8081, help="admin API, metrics (default: 8081)")
+    serve.add_argument("--no-admin", action="store_true", help="serve no admin port")
+    serve.add_argument(
+        "--state-dir", help="shared state of this gateway's processes (default /tmp/model-gateway-PORT)"
+    )
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
     return parser
 

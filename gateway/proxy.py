@@ -13,11 +13,14 @@ import itertools
 import json
 import logging
 import os
+import time
+from collections.abc import Mapping
 from typing import Any
 
 from gateway import control
 from gateway.http_server import ClientConnection, Headers, Request
-from gateway.routing import Endpoint, Router, Target, parse_path
+from gateway.routing import Endpoint, Router, Target, effective_split, parse_path
+from gateway.stats import Outcome, Stats, VersionCounters, outcome_of
 from gateway.table import Model, RouteTable, Version
 from gateway.upstream import Failure, Pool, UpstreamConnection
 
@@ -66,11 +69,12 @@ def request_id_of(request: Request) -> bytes:
 class _VersionRoute:
     """What the proxy needs to reach one version, precomputed as bytes when the table is loaded."""
 
-    __slots__ = ("host", "id", "path", "pool", "version")
+    __slots__ = ("counters", "host", "id", "path", "pool", "version")
 
-    def __init__(self, version: Version, pool: Pool) -> None:
+    def __init__(self, version: Version, pool: Pool, counters: VersionCounters) -> None:
         self.version = version
         self.pool = pool
+        self.counters = counters
         self.id = version.id.encode()
         backend = pool.backend
         self.host = f"{backend.host}:{backend.port}".encode()
@@ -84,8 +88,13 @@ class _VersionRoute:
 class Gateway:
     """Routes and forwards requests for one routing table at a time."""
 
-    def __init__(self, table: RouteTable, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, table: RouteTable, loop: asyncio.AbstractEventLoop, stats: Stats | None = None
+    ) -> None:
         self.loop = loop
+        self.stats = stats or Stats()
+        self.overrides: Mapping[str, tuple[tuple[str, int], ...]] = {}
+        self.unready: Mapping[tuple[str, str], str] = {}  # (model, version) -> why it gets no traffic
         self.control = control.Control()
         self._pools: dict[str, Pool] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -108,12 +117,30 @@ class Gateway:
                 pool.close()
         self._pools = pools
         self._routes = {
-            (model.name, version.id): _VersionRoute(version, pools[version.backend])
+            (model.name, version.id): _VersionRoute(
+                version, pools[version.backend], self.stats.counters(model.name, version.id)
+            )
             for model in table.models.values()
             for version in model.versions.values()
         }
         self.table = table
-        self.router = Router(table)
+        self.refresh_routing()
+
+    def refresh_routing(
+        self,
+        overrides: Mapping[str, tuple[tuple[str, int], ...]] | None = None,
+        unready: Mapping[tuple[str, str], str] | None = None,
+    ) -> None:
+        """Rebuild the router from the table, operators' overrides and backend readiness."""
+        if overrides is not None:
+            self.overrides = overrides
+        if unready is not None:
+            self.unready = unready
+        weights = {}
+        for name, model in self.table.models.items():
+            down = frozenset(version for (m, version) in self.unready if m == name)
+            weights[name] = effective_split(model, self.overrides.get(name), down)
+        self.router = Router(self.table, weights)
 
     async def close(self) -> None:
         for pool in self._pools.values():
@@ -131,26 +158,26 @@ class Gateway:
                 self._targets.clear()  # endless distinct paths get no cache, nothing worse
             self._targets[request.path] = target
         if target is None:
-            self.respond_error(conn, 404, f"no such endpoint: {request.path}")
+            self.reject(conn, 404, f"no such endpoint: {request.path}")
             return
         if target.endpoint is not Endpoint.INFER:
             if request.method not in ("GET", "HEAD"):
-                self.respond_error(conn, 405, f"{request.path} accepts GET, not {request.method}")
+                self.reject(conn, 405, f"{request.path} accepts GET, not {request.method}")
                 return
             self._spawn(self._serve_control(request, conn, target.endpoint, target.model, target.version))
             return
         if request.method != "POST":
-            self.respond_error(conn, 405, f"inference takes POST, not {request.method}")
+            self.reject(conn, 405, f"inference takes POST, not {request.method}")
             return
         if self.table.keys.required:
             # API keys arrive with the key store; until then a table that requires them serves nobody
             # rather than everybody.
             message = "this gateway requires an API key (keys.required: true) but has no key store yet"
-            self.respond_error(conn, 401, message, [(b"www-authenticate", b"Bearer")])
+            self.reject(conn, 401, message, [(b"www-authenticate", b"Bearer")])
             return
         model = self.table.models.get(target.model)
         if model is None:
-            self.respond_error(conn, 404, self._unknown_model(target.model))
+            self.reject(conn, 404, self._unknown_model(target.model))
             return
         pin = target.version or (request.header(b"x-model-version") or b"").decode("latin-1")
         version = self._pick(model, pin, request)
@@ -159,9 +186,19 @@ class Gateway:
                 message = f"model {model.name} has no version or alias {pin!r}; versions: " + ", ".join(
                     model.versions
                 )
-                self.respond_error(conn, 404, message)
+                self.reject(conn, 404, message)
             else:
-                self.respond_error(conn, 503, f"no version of model {model.name} is taking traffic")
+                reasons = "; ".join(
+                    f"{version} is not ready: {why}"
+                    for (m, version), why in self.unready.items()
+                    if m == model.name
+                )
+                message = f"no version of model {model.name} is taking traffic"
+                self.reject(conn, 503, f"{message} ({reasons})" if reasons else message)
+            return
+        if self.unready and (model.name, version.id) in self.unready:
+            why = self.unready[(model.name, version.id)]
+            self.reject(conn, 503, f"version {version.id} of {model.name} is not ready: {why}")
             return
         route = self._routes[(model.name, version.id)]
         exchange = ProxyExchange(self, conn, route, request_id_of(request))
@@ -222,6 +259,11 @@ class Gateway:
         )
         return [b"".join(head), *request.body]
 
+    def reject(self, conn: ClientConnection, status: int, message: str, extra: Headers | None = None) -> None:
+        """Answer a request the gateway itself refuses (no version involved), and count it."""
+        self.stats.unrouted[min(status // 100, 5) - 1] += 1
+        self.respond_error(conn, status, message, extra)
+
     def respond_error(
         self, conn: ClientConnection, status: int, message: str, extra: Headers | None = None
     ) -> None:
@@ -280,7 +322,7 @@ class ShadowExchange:
 class ProxyExchange:
     """One inference request on its way to a backend and back."""
 
-    __slots__ = ("_gateway", "_route", "_started", "_upstream", "conn", "request_id")
+    __slots__ = ("_gateway", "_route", "_started", "_status", "_t0", "_upstream", "conn", "request_id")
 
     def __init__(self, gateway: Gateway, conn: ClientConnection, route: _VersionRoute, request_id: bytes):
         self._gateway = gateway
@@ -289,15 +331,21 @@ class ProxyExchange:
         self.request_id = request_id
         self._upstream: UpstreamConnection | None = None
         self._started = False
+        self._status = 0
+        self._t0 = 0.0
 
     def start(self, payload: list[bytes]) -> None:
         self.conn.on_lost = self.client_lost
+        self._t0 = time.perf_counter()
+        self._route.counters.in_flight += 1
 
         def connected(upstream: UpstreamConnection | None, why: str) -> None:
             if upstream is None:
+                self._record(503, Outcome.UPSTREAM_ERROR)
                 self._fail(503, why)
             elif self.conn.closed:
                 self._route.pool.release(upstream)
+                self._record(499, Outcome.CLIENT_ERROR)
             else:
                 self._upstream = upstream
                 self.conn.flow = self
@@ -311,6 +359,7 @@ class ProxyExchange:
 
     def upstream_headers(self, status: int, headers: Headers, content_length: int | None) -> None:
         self._started = True
+        self._status = status
         drop = _DROP_RESPONSE
         for name, value in headers:
             if name == b"connection":
@@ -324,17 +373,26 @@ class ProxyExchange:
 
     def upstream_done(self) -> None:
         self._upstream = None
+        self._record(self._status, outcome_of(self._status))
         if not self.conn.closed:
             self.conn.end_response()
 
     def upstream_failed(self, failure: Failure, detail: str) -> None:
         self._upstream = None
+        outcome = Outcome.TIMEOUT if failure is Failure.TIMEOUT else Outcome.UPSTREAM_ERROR
+        status = 504 if failure is Failure.TIMEOUT else 502
+        self._record(self._status or status, outcome)
         if self.conn.closed:
             return
         if self._started:
             self.conn.abort()  # the client has part of a response; closing is the only honest signal
             return
-        self._fail(504 if failure is Failure.TIMEOUT else 502, detail)
+        self._fail(status, detail)
+
+    def _record(self, status: int, outcome: Outcome) -> None:
+        counters = self._route.counters
+        counters.in_flight -= 1
+        counters.record(status, outcome, time.perf_counter() - self._t0)
 
     # -- FlowListener: the client is slower than the backend ---------------------------------------
 
@@ -350,6 +408,9 @@ class ProxyExchange:
         if self._upstream is not None:
             self._upstream.abandon()
             self._upstream = None
+            self._record(
+                499, Outcome.CLIENT_ERROR
+            )  # nginx's code for a client that left; not the version's fault
 
     def _fail(self, status: int, message: str) -> None:
         if self.conn.closed:

@@ -179,3 +179,17 @@ class Router:
         position = self._counters[model.name]
         self._counters[model.name] = (position + 1) % len(sequence)
         return model.versions[sequence[position]]
+
+
+def effective_split(
+    model: Model, override: tuple[tuple[str, int], ...] | None, unready: frozenset[str]
+) -> tuple[tuple[str, int], ...]:
+    """The weights a model's unpinned traffic follows now.
+
+    An operator's override replaces the file's split; a version whose backend is not ready gets weight
+    0, and the others keep their relative weights (the split sequence and sticky hashing renormalise).
+    """
+    split = override if override is not None else model.split
+    if not unready:
+        return split
+    return tuple((version, 0 if version in unready else weight) for version, weight in split)

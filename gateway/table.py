@@ -6,6 +6,7 @@ plane can hold a reference to a table without locks and a reload swaps one refer
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -121,3 +122,8 @@ class RouteTable:
     server: ServerSettings = field(default_factory=ServerSettings)
     revision: str = ""  # sha256 of the file's bytes, so operators can compare processes
     source: str = ""  # the file it came from
+
+
+def model_digest(model: Model) -> str:
+    """A fingerprint of a model's spec: it changes exactly when the file changes that model."""
+    return hashlib.sha256(repr(model).encode()).hexdigest()[:16]

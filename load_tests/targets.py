@@ -101,6 +101,8 @@ def start_gateway(
     target.port = free_port()
     argv = [str(gateway), "serve", "--config", str(routes), "--host", "127.0.0.1"]
     argv += ["--port", str(target.port), "--workers", "1"]
+    # Its own admin port and state directory, as in production, without colliding with a running gateway.
+    argv += ["--admin-port", str(free_port()), "--state-dir", str(routes.parent / "gateway-state")]
     if not gateway.exists():
         target.unavailable = f"{gateway} does not exist (is the virtualenv installed?)"
         return

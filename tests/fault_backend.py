@@ -4,7 +4,8 @@ Real Triton cannot be made to answer chunked, to cut a response in half, or to s
 conformance tests use this server for exactly those faults, and for echoing what the gateway sent
 upstream. Everything else is tested against real Triton.
 
-The behaviour is chosen by the Triton model name in the path the gateway forwards to,
+Readiness probes (`/v2/health/ready`, `.../ready`) are always answered 200, as a healthy Triton would.
+The behaviour of inference requests is chosen by the Triton model name in the path the gateway forwards to,
 `/v2/models/<behaviour>/versions/<n>/infer`:
 
 - `echo`: 200 with JSON {"path", "headers", "body"} describing the request as received
@@ -52,7 +53,9 @@ async def _serve(received: Received, reader: asyncio.StreamReader, writer: async
             path, headers, body = await _read_request(reader)
             received.append((path, headers, body))
             behaviour = path.split("/")[3] if path.count("/") >= 3 else "echo"
-            if behaviour == "echo":
+            if path.startswith("/v2/health/") or path.endswith("/ready"):
+                writer.write(_ok(b"{}"))  # the gateway's health checks: every behaviour is "ready"
+            elif behaviour == "echo":
                 writer.write(
                     _ok(
                         json.dumps(
@@ -119,6 +122,10 @@ class FaultBackend:
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         self._loop.run_forever()
+
+    def inference_requests(self) -> Received:
+        """What was received, less the gateway's readiness probes."""
+        return [r for r in self.received if not (r[0].startswith("/v2/health/") or r[0].endswith("/ready"))]
 
     def start(self) -> FaultBackend:
         self._thread.start()

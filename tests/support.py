@@ -43,12 +43,18 @@ class GatewayProcess:
     workers: int = 1
     extra_args: list[str] = field(default_factory=list)
     port: int = field(default_factory=free_port)
+    admin_port: int = field(default_factory=free_port)
+    admin_token: str = "test-admin-token"
     process: subprocess.Popen[bytes] | None = None
     directory: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="gateway-test-")))
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
 
     @property
     def routes_path(self) -> Path:
@@ -62,9 +68,12 @@ class GatewayProcess:
         self.routes_path.write_text(self.routes)
         argv = [sys.executable, "-m", "gateway", "serve", "--config", str(self.routes_path)]
         argv += ["--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)]
+        argv += ["--admin-port", str(self.admin_port), "--state-dir", str(self.directory / "state")]
+        argv += ["--no-admin"]  # TEMP until gateway.admin lands
         argv += self.extra_args
+        env = {**os.environ, "GATEWAY_ADMIN_TOKEN": f"tester:{self.admin_token}"}
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         try:
             wait_for_port(self.port, process=self.process)
             if self.workers > 1:

@@ -162,7 +162,8 @@ def test_backend_down_is_503_and_hung_backend_is_504_within_its_timeout(triton: 
         with pytest.raises(InferenceServerException) as down:
             client.infer("orphan", [tensor])
         assert down.value.status() == "503"
-        assert "cannot connect to backend nowhere" in down.value.message()
+        # Either the health check already took the backend out, or the request found it down itself.
+        assert "backend nowhere" in down.value.message()
 
         started = time.monotonic()
         with pytest.raises(InferenceServerException) as hung:

@@ -50,15 +50,17 @@ def test_mirror_sends_exact_share_of_shadow_copies_and_never_returns_them(fb: Fa
                 response = client.read_response()
                 assert response.status == 200
                 assert response.header("x-model-version") == "1.0"  # the caller only sees the real answer
-        assert wait_for(lambda: len(fb.received) == 50)
+        assert wait_for(lambda: len(fb.inference_requests()) == 50)
         shadows = [
-            (path, headers, body) for path, headers, body in fb.received if "x-gateway-shadow" in headers
+            (path, headers, body)
+            for path, headers, body in fb.inference_requests()
+            if "x-gateway-shadow" in headers
         ]
         assert len(shadows) == 10  # 25% of 40, exactly
         assert {path for path, _, _ in shadows} == {"/v2/models/echo/versions/2/infer"}
         originals = {
             headers["x-request-id"]: body
-            for _, headers, body in fb.received
+            for _, headers, body in fb.inference_requests()
             if "x-gateway-shadow" not in headers
         }
         for _, headers, body in shadows:
@@ -73,8 +75,8 @@ def test_mirror_skips_requests_already_going_to_the_mirror_version(fb: FaultBack
                 client.send(request("POST", "/predict/scorer/2.0", b"x"))
                 assert client.read_response().header("x-model-version") == "2.0"
         time.sleep(0.3)
-        assert len(fb.received) == 5
-        assert not any("x-gateway-shadow" in headers for _, headers, _ in fb.received)
+        assert len(fb.inference_requests()) == 5
+        assert not any("x-gateway-shadow" in headers for _, headers, _ in fb.inference_requests())
 
 
 def test_required_keys_fail_closed_until_a_key_store_exists(fb: FaultBackend) -> None:
@@ -88,5 +90,5 @@ def test_required_keys_fail_closed_until_a_key_store_exists(fb: FaultBackend) ->
             assert b"requires an API key" in response.body
             client.send(request("GET", "/v2/health/live"))
             assert client.read_response().status == 200
-        assert fb.received == []
+        assert fb.inference_requests() == []
         assert "no key store yet" in gw.log()

@@ -1,0 +1,206 @@
+"""One gateway worker process: the data plane, plus what keeps its routing current.
+
+The worker watches routes.yaml and the operators' overrides file, reloads on a content change or on
+SIGHUP, runs the backend health checks, and publishes a snapshot of its state and statistics about once
+a second (and right after each reload) for the control plane to read. A file that fails validation
+changes nothing: the last good table keeps serving, and the errors are logged and published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway import config, snapshots
+from gateway.deadlines import Deadlines, resolution_for
+from gateway.health import HealthChecker
+from gateway.http_server import ClientConnection
+from gateway.proxy import Gateway
+from gateway.stats import Stats
+from gateway.table import RouteTable, model_digest
+from gateway.watch import FileWatcher
+
+log = logging.getLogger("gateway.worker")
+
+PUBLISH_INTERVAL = 1.0
+RELOAD_HISTORY = 50
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    config: str
+    state_dir: Path
+    index: int = 0
+    shutdown_timeout: float = 30.0
+
+
+class Worker:
+    def __init__(self, table: RouteTable, options: WorkerOptions) -> None:
+        self.options = options
+        self.loop = asyncio.get_running_loop()
+        self.stats = Stats()
+        self.gateway = Gateway(table, self.loop, self.stats)
+        self.health = HealthChecker(self._apply_routing)
+        self.health.set_table(table)
+        settings = table.server
+        resolution = resolution_for(
+            settings.header_timeout, settings.body_timeout, settings.keepalive_timeout
+        )
+        self.connections: Deadlines[ClientConnection] = Deadlines(self.loop, resolution)
+        self.reloads: deque[dict[str, Any]] = deque(maxlen=RELOAD_HISTORY)
+        self.reload_counts = {"ok": 0, "failed": 0}
+        self.started = time.time()
+        self._stop = asyncio.Event()
+        self._watcher = FileWatcher(
+            [options.config, options.state_dir / snapshots.OVERRIDES], self._on_file_change
+        )
+        self._record_reload("start", table, [], 0.0)
+
+    def connection(self) -> ClientConnection:
+        """A protocol for a new client connection, with the current table's server limits."""
+        return ClientConnection(
+            self.gateway.handle, self.gateway.reject, self.gateway.table.server, self.connections
+        )
+
+    async def run(self, servers: list[asyncio.AbstractServer]) -> None:
+        """Serve until SIGTERM or SIGINT, then stop accepting and let requests in flight finish."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(signum, self._stop.set)
+        self.loop.add_signal_handler(signal.SIGHUP, lambda: self.reload("signal"))
+        await self._watcher.start()
+        self._apply_routing()
+        self.health.start()
+        publisher = self.loop.create_task(self._publish_forever())
+        await self._stop.wait()
+
+        log.info("shutting down: %d open connection(s)", len(self.connections))
+        for server in servers:
+            server.close()
+        for conn in self.connections:
+            conn.shutdown()
+        deadline = self.loop.time() + self.options.shutdown_timeout
+        while len(self.connections) and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if len(self.connections):
+            log.warning(
+                "%d connection(s) still busy after %gs; closing",
+                len(self.connections),
+                self.options.shutdown_timeout,
+            )
+        self._watcher.stop()
+        publisher.cancel()
+        self.publish()
+        self.connections.close()
+        await self.health.stop()
+        await self.gateway.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- reload ------------------------------------------------------------------------------------
+
+    def reload(self, trigger: str) -> bool:
+        """Load the file again; swap the table if it validates, keep the old one if not."""
+        started = time.perf_counter()
+        try:
+            table = config.load_table(self.options.config)
+        except config.ConfigError as exc:
+            errors = [str(issue) for issue in exc.issues]
+            for error in errors:
+                log.error(
+                    "reload refused, still serving revision %s: %s", self.gateway.table.revision[:12], error
+                )
+            self._record_reload(trigger, None, errors, time.perf_counter() - started)
+            self.publish()
+            return False
+        self.gateway.set_table(table)
+        self.health.set_table(table)
+        self._apply_routing()
+        self._record_reload(trigger, table, [], time.perf_counter() - started)
+        log.info("reloaded %s (%s): revision %s", self.options.config, trigger, table.revision[:12])
+        self.publish()
+        self.loop.create_task(self.health.check_now())  # new versions get checked now, not in 2 s
+        return True
+
+    def _on_file_change(self, path: str) -> None:
+        if path == str(self.options.state_dir / snapshots.OVERRIDES):
+            self._apply_routing()
+            self.publish()
+        else:
+            self.reload("file")
+
+    def _record_reload(
+        self, trigger: str, table: RouteTable | None, errors: list[str], seconds: float
+    ) -> None:
+        ok = table is not None
+        self.reload_counts["ok" if ok else "failed"] += 1
+        self.reloads.append(
+            {
+                "time": time.time(),
+                "ok": ok,
+                "revision": table.revision if table is not None else None,
+                "trigger": trigger,
+                "errors": errors,
+                "duration_ms": round(seconds * 1000, 3),
+            }
+        )
+
+    def _apply_routing(self) -> None:
+        """Re-derive every model's live weights from the table, the overrides and readiness."""
+        table = self.gateway.table
+        overrides = {}
+        for name, override in snapshots.read_overrides(self.options.state_dir).items():
+            model = table.models.get(name)
+            if model is not None and override.model_digest == model_digest(model):
+                overrides[name] = override.weights  # an override lapses once the file changes the model
+        unready = {
+            (model, version): health.detail
+            for (model, version), health in self.health.versions.items()
+            if not health.ready and model in table.models
+        }
+        self.gateway.refresh_routing(overrides, unready)
+
+    # -- publishing --------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        gateway = self.gateway
+        return {
+            "pid": os.getpid(),
+            "worker": self.options.index,
+            "started": self.started,
+            "time": time.time(),
+            "revision": gateway.table.revision,
+            "source": self.options.config,
+            "reloads": list(self.reloads),
+            "reload_counts": dict(self.reload_counts),
+            "health": {
+                "backends": {name: _health(h) for name, h in self.health.backends.items()},
+                "versions": {f"{m}/{v}": _health(h) for (m, v), h in self.health.versions.items()},
+            },
+            "splits": {name: dict(gateway.router.split_of(name)) for name in gateway.table.models},
+            "stats": self.stats.to_json(),
+            "mirrors": {"in_flight": gateway.mirrors_in_flight, "skipped": gateway.mirrors_skipped},
+            "connections": len(self.connections),
+        }
+
+    def publish(self) -> None:
+        try:
+            snapshots.write_snapshot(self.options.state_dir, self.snapshot())
+        except OSError as exc:
+            log.warning("cannot write the worker snapshot: %s", exc)
+
+    async def _publish_forever(self) -> None:
+        while True:
+            self.publish()
+            await asyncio.sleep(PUBLISH_INTERVAL)
+
+
+def _health(health: Any) -> dict[str, Any]:
+    return {"ready": health.ready, "detail": health.detail, "checked_at": health.checked_at}
