@@ -42,7 +42,7 @@ keys: {{required: false}}
 
 
 INVALID_EDITS = [
-    ("split over 100", lambda good: re.sub(r"split: \{2\.1\.3: \d+", "split: {2.1.3: 100", good)),
+    ("split over 100", lambda good: re.sub(r"split: \{2\.1\.3: \d+", "split: {2.1.3: 105", good)),
     ("YAML syntax", lambda good: good.replace("models:", "models: [")),
     ("unknown backend", lambda good: good.replace("backend: triton-b", "backend: triton-z")),
 ]
