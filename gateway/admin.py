@@ -31,7 +31,10 @@ log = logging.getLogger("gateway.admin")
 SAMPLE_EVERY = 1.0  # seconds; the control plane's live windows expect about one sample a second
 MAX_AUDIT = 10_000
 MAX_REASON = 1000
-WHO = "gateway.admin.who"  # request key for the authenticated token's name
+# The request key for the authenticated token's name. aiohttp 3.14 warns about plain string keys, but
+# RequestKey is newer than the oldest aiohttp this package accepts (3.9).
+_RequestKey: Any = getattr(web, "RequestKey", None)
+WHO: Any = _RequestKey("who", str) if _RequestKey is not None else "gateway.admin.who"
 
 _SAMPLER = web.AppKey("sampler", asyncio.Task[None])
 _dumps = functools.partial(json.dumps, default=str)  # metadata may hold values JSON lacks; show them
@@ -155,9 +158,13 @@ class AdminAPI:
             first = "; ".join(event.get("errors", [])[:3]) or "no reason given"
             body["error"] = f"worker {pid} refused the file, the last good table keeps serving: {first}"
             return _json(body, status=422)
-        if missing or not answered:
-            who = ", ".join(missing) if missing else "no live worker"
-            body["error"] = f"{who} did not report a reload in time; see GET /api/reloads"
+        if missing:
+            body["error"] = (
+                f"worker(s) {', '.join(missing)} did not report a reload in time; see GET /api/reloads"
+            )
+            return _json(body, status=504)
+        if not answered:
+            body["error"] = "no live worker reported a reload; is the gateway serving?"
             return _json(body, status=504)
         return _json(body)
 
@@ -211,8 +218,8 @@ def status_view(plane: ControlPlane) -> dict[str, Any]:
         route = routes["models"].get(name)
         split_file = route["split_in_file"] if route else {}
         split_live = route["split_live"] if route else None
-        # The control plane marks workers that route differently with {"disagree": n}.
-        agrees = split_live is None or "disagree" not in split_live
+        # The control plane marks workers that route differently with {"workers_disagree": {...}}.
+        agrees = split_live is None or "workers_disagree" not in split_live
         entry: dict[str, Any] = {
             "override": route["override"] if route else None,
             "live_split_agrees": agrees,
@@ -240,7 +247,7 @@ def status_view(plane: ControlPlane) -> dict[str, Any]:
         "revision": routes["revision"],
         "file_valid": routes["file_valid"],
         "consistent": routes["consistent"],
-        "in_sync": routes["revision"] is not None and served <= {routes["revision"]},
+        "in_sync": bool(served) and routes["revision"] is not None and served <= {routes["revision"]},
         "worker_revisions": routes["worker_revisions"],
         "workers": {"alive": len(live), "gone": len(workers) - len(live)},
         "models": models,

@@ -192,8 +192,9 @@ def format_status(data: dict[str, Any]) -> str:
         if override:
             state = "active" if override.get("active") else "inactive, the file has changed this model since"
             reason = f" ({override['reason']})" if override.get("reason") else ""
+            weights = ", ".join(f"{v}={w}" for v, w in override.get("weights", {}).items())
             notes.append(
-                f"* {model}: weights overridden to {override.get('weights')} by {override.get('set_by')} "
+                f"* {model}: weights overridden to {weights} by {override.get('set_by')} "
                 f"at {_clock(override.get('set_at'))}{reason}, {state}"
             )
     numeric = {2, 3, 4, 5, 6, 7, 8}
@@ -224,7 +225,9 @@ def _summary(data: dict[str, Any]) -> list[str]:
         lines.append(f"revision {revision[:12]} ({data.get('source', 'routes file')}), {alive}")
     else:
         lines.append(f"{data.get('source', 'the routes file')} does not validate now; {alive}")
-    if data.get("in_sync"):
+    if not served:
+        lines.append("no worker is alive to serve it")
+    elif data.get("in_sync"):
         lines.append("all workers serve this revision")
     elif not data.get("consistent"):
         lines.append(

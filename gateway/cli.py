@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from gateway import config, server
+from gateway import admin_cli, config, server
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
+    admin_cli.add_commands(commands)
     return parser
 
 

@@ -9,6 +9,7 @@ Workers never wait for it: they publish and watch files.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,8 @@ class ControlPlane:
         self.state_dir = state_dir
         self._trigger_reload = trigger_reload
         self._history: deque[tuple[float, dict[str, Totals]]] = deque()
+        self._table: RouteTable | None = None
+        self._table_fingerprint: tuple[int, int, int] | None = None
         snapshots.prepare(state_dir)
 
     # -- reading -----------------------------------------------------------------------------------
@@ -47,9 +50,17 @@ class ControlPlane:
     def table(self) -> RouteTable | None:
         """The table the file holds now, if it is valid (workers may still be on an older one)."""
         try:
-            return config.load_table(self.config_path)
-        except (config.ConfigError, OSError):
+            stat = os.stat(self.config_path)
+        except OSError:
             return None
+        fingerprint = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if fingerprint != self._table_fingerprint:
+            try:
+                self._table = config.load_table(self.config_path)
+            except (config.ConfigError, OSError):
+                self._table = None
+            self._table_fingerprint = fingerprint
+        return self._table
 
     def merged_totals(self, workers: list[dict[str, Any]] | None = None) -> dict[str, Totals]:
         """Cumulative totals per "model/version", summed over every worker that ever reported."""
@@ -83,6 +94,7 @@ class ControlPlane:
         seconds, window = self.window()
         totals = self.merged_totals()
         workers = self.live_workers()
+        live_totals = self.merged_totals(workers)  # in-flight counts only where a process is still alive
         table = self.table()
         models: dict[str, Any] = {}
         keys = set(totals)
@@ -102,7 +114,7 @@ class ControlPlane:
                 "latency_ms": {
                     q: _ms(recent.quantile(p)) for q, p in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
                 },
-                "in_flight": total.in_flight,
+                "in_flight": live_totals[key].in_flight if key in live_totals else 0,
                 "total": {
                     "requests": total.requests,
                     "by_status": dict(zip(STATUS_CLASSES, total.statuses, strict=True)),
@@ -163,7 +175,9 @@ class ControlPlane:
             for event in worker.get("reloads", []):
                 events.append({**event, "pid": worker["pid"]})
         events.sort(key=lambda e: e.get("time", 0), reverse=True)
-        last_error = next((e for e in events if not e.get("ok")), None)
+        # The newest refusal, as long as some live worker's latest reload is still a refusal.
+        failing = [w for w in self.live_workers() if w.get("reloads") and not w["reloads"][-1].get("ok")]
+        last_error = next((e for e in events if not e.get("ok")), None) if failing else None
         return {"events": events[:200], "last_error": last_error}
 
     def backends_view(self) -> dict[str, Any]:
@@ -189,8 +203,9 @@ class ControlPlane:
             if results and len(results) >= len(self.live_workers()):
                 break
             await asyncio.sleep(0.05)
-        ok = bool(results) and all(r.get("ok") for r in results.values())
-        outcome = {"ok": ok, "workers": results}
+        missing = sorted(str(w["pid"]) for w in self.live_workers() if str(w["pid"]) not in results)
+        ok = bool(results) and not missing and all(r.get("ok") for r in results.values())
+        outcome = {"ok": ok, "workers": results, "missing": missing}
         snapshots.append_audit(self.state_dir, who, "reload", {"ok": ok})
         return outcome
 
@@ -228,12 +243,11 @@ class ControlPlane:
 
     def clear_override(self, model_name: str, who: str) -> bool:
         overrides = snapshots.read_overrides(self.state_dir)
-        existed = overrides.pop(model_name, None) is not None
+        if overrides.pop(model_name, None) is None:
+            return False
         snapshots.write_overrides(self.state_dir, overrides)
-        snapshots.append_audit(
-            self.state_dir, who, "override.clear", {"model": model_name, "existed": existed}
-        )
-        return existed
+        snapshots.append_audit(self.state_dir, who, "override.clear", {"model": model_name})
+        return True
 
 
 def _ms(seconds: float | None) -> float | None:

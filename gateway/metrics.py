@@ -97,7 +97,7 @@ class SnapshotCollector:
         )
         duration = HistogramMetricFamily(
             "gateway_request_duration_seconds",
-            "Time from routing a request to the last byte of its response, per version.",
+            "Seconds from forwarding a request to its version's backend to the last byte (or the failure).",
             labels=["model", "version"],
         )
         upstream = CounterMetricFamily(

@@ -82,7 +82,10 @@ def admin_tokens(state_dir: Path, host: str) -> dict[str, str]:
         tokens = {}
         for item in configured.split(","):
             name, sep, secret = item.strip().rpartition(":")
-            tokens[secret if sep else item.strip()] = name if sep and name else "admin"
+            secret = secret if sep else item.strip()
+            if len(secret) < 8:
+                raise AdminRefused("GATEWAY_ADMIN_TOKEN holds a token shorter than 8 characters")
+            tokens[secret] = name if sep and name else "admin"
         return tokens
     if not is_loopback(host):
         raise AdminRefused(

@@ -69,7 +69,6 @@ class GatewayProcess:
         argv = [sys.executable, "-m", "gateway", "serve", "--config", str(self.routes_path)]
         argv += ["--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)]
         argv += ["--admin-port", str(self.admin_port), "--state-dir", str(self.directory / "state")]
-        argv += ["--no-admin"]  # TEMP until gateway.admin lands
         argv += self.extra_args
         env = {**os.environ, "GATEWAY_ADMIN_TOKEN": f"tester:{self.admin_token}"}
         with open(self.log_path, "ab") as log:

@@ -213,3 +213,40 @@ def test_sighup_reloads_every_worker(triton: TritonFleet, two_workers: GatewayPr
         )
 
     assert wait_until(all_reloaded, 5) is not None
+
+
+# Failures that mean a request was never taken in: the connection was refused or closed before the
+# gateway read it (an idle keep-alive connection closed by the shutdown). Anything else is a lost request.
+NOT_ACCEPTED = ("ConnectionRefusedError", "RemoteDisconnected", "BrokenPipeError", "ConnectionResetError")
+
+
+def test_sigterm_during_traffic_answers_every_accepted_request(triton: TritonFleet) -> None:
+    routes = triton.routes(slow_timeout="10s")
+    with gateway(routes, workers=2) as process:
+        slow_results: list[int | str] = []
+
+        def slow_request() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", process.port, timeout=30)
+            try:
+                conn.request("POST", "/v2/models/fraud-detector/versions/2.3.0-slow/infer", BODY)
+                response = conn.getresponse()
+                response.read()
+                slow_results.append(response.status)
+            except Exception as exc:  # recorded and asserted below
+                slow_results.append(f"{type(exc).__name__}: {exc}")
+
+        traffic = Traffic(process.port).start(threads=2)
+        slow = [threading.Thread(target=slow_request) for _ in range(3)]
+        for thread in slow:
+            thread.start()
+        time.sleep(1.0)  # the slow requests (2.5 s each in Triton) are in flight now
+        process.signal(signal.SIGTERM)
+        for thread in slow:
+            thread.join(30)
+        assert process.process is not None
+        assert process.process.wait(30) == 0
+        traffic.finish()
+    assert slow_results == [200, 200, 200]
+    lost = [f for f in traffic.failures if not f.startswith(NOT_ACCEPTED)]
+    assert lost == [], lost[:5]
+    assert sum(traffic.answered.values()) > 20
