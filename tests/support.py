@@ -75,6 +75,8 @@ class GatewayProcess:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         try:
             wait_for_port(self.port, process=self.process)
+            if "--no-admin" not in self.extra_args:
+                wait_for_port(self.admin_port, process=self.process)
             if self.workers > 1:
                 time.sleep(0.5)  # let every worker bind, not just the first
         except Exception:
