@@ -39,6 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
         admin_port=None if args.no_admin else args.admin_port,
         state_dir=args.state_dir,
         worker_index=args.worker_index,
+        stats=not args.no_stats,
     )
     try:
         table = config.load_table(args.config)
@@ -49,6 +50,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     argv = ["serve", "--config", args.config, "--host", args.host, "--port", str(args.port)]
     argv += ["--shutdown-timeout", str(args.shutdown_timeout), "--log-level", args.log_level]
+    if args.no_stats:
+        argv.append("--no-stats")
     try:
         return server.run(table, options, argv)
     except OSError as exc:
@@ -78,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-admin", action="store_true", help="serve no admin port")
     serve.add_argument(
         "--state-dir", help="shared state of this gateway's processes (default /tmp/model-gateway-PORT)"
+    )
+    serve.add_argument(
+        "--no-stats", action="store_true", help="count nothing per request (to measure what metrics cost)"
     )
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)

@@ -41,6 +41,7 @@ class ServeOptions:
     admin_port: int | None = 8081  # None: no admin port (the supervisor serves it for its workers)
     state_dir: str | None = None
     worker_index: int = 0
+    stats: bool = True
 
     def state_path(self) -> Path:
         return Path(self.state_dir) if self.state_dir else Path(f"/tmp/model-gateway-{self.port}")
@@ -139,7 +140,10 @@ async def serve_single(table: RouteTable, options: ServeOptions) -> None:
     else:
         snapshots.prepare(state_dir)
     worker = Worker(
-        table, WorkerOptions(options.config, state_dir, options.worker_index, options.shutdown_timeout)
+        table,
+        WorkerOptions(
+            options.config, state_dir, options.worker_index, options.shutdown_timeout, options.stats
+        ),
     )
     for note in not_yet_enforced(table):
         log.warning("%s", note)

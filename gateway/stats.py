@@ -76,10 +76,20 @@ class VersionCounters:
         }
 
 
+class _Uncounted(VersionCounters):
+    """Counters that count nothing, for measuring what counting costs (`gateway serve --no-stats`)."""
+
+    __slots__ = ()
+
+    def record(self, status: int, outcome: Outcome, seconds: float) -> None:
+        pass
+
+
 class Stats:
     """All versions' counters in this process, keyed by (model, version id)."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.versions: dict[tuple[str, str], VersionCounters] = {}
         self.unrouted = [0] * len(STATUS_CLASSES)  # answers the gateway gave without a version: 4xx mostly
 
@@ -87,7 +97,7 @@ class Stats:
         key = (model, version)
         counters = self.versions.get(key)
         if counters is None:
-            counters = self.versions[key] = VersionCounters()
+            counters = self.versions[key] = VersionCounters() if self.enabled else _Uncounted()
         return counters
 
     def to_json(self) -> dict[str, Any]:

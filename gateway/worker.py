@@ -39,13 +39,14 @@ class WorkerOptions:
     state_dir: Path
     index: int = 0
     shutdown_timeout: float = 30.0
+    stats: bool = True
 
 
 class Worker:
     def __init__(self, table: RouteTable, options: WorkerOptions) -> None:
         self.options = options
         self.loop = asyncio.get_running_loop()
-        self.stats = Stats()
+        self.stats = Stats(enabled=options.stats)
         self.gateway = Gateway(table, self.loop, self.stats)
         self.health = HealthChecker(self._apply_routing)
         self.health.set_table(table)

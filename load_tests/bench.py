@@ -109,8 +109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--targets",
-        default="direct,nginx,gateway",
-        help="comma-separated subset of direct,nginx,gateway (default all three)",
+        default="direct,nginx,gateway,gateway_nostats",
+        help="comma-separated subset of direct,nginx,gateway,gateway_nostats (default all)",
     )
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores with taskset")
     p.add_argument(
@@ -132,9 +132,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
     args = p.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = set(args.targets) - {"direct", "nginx", "gateway"}
+    unknown = set(args.targets) - {"direct", "nginx", "gateway", "gateway_nostats"}
     if unknown or not args.targets:
-        p.error(f"--targets: unknown {sorted(unknown)}; choose from direct,nginx,gateway")
+        p.error(f"--targets: unknown {sorted(unknown)}; choose from direct,nginx,gateway,gateway_nostats")
     if args.rounds < 1 or args.duration < 1 or args.connections < 1 or args.latency_connections < 1:
         p.error("--rounds, --duration and the connection counts must be at least 1")
     if args.backend_workers is None:
@@ -245,6 +245,11 @@ class Bench:
             gateway = Target("gateway", "C gateway, 1 worker")
             tg.start_gateway(sup, gateway, args.gateway, backend.port, place.target)
             self.targets["gateway"] = gateway
+        if "gateway_nostats" in args.targets:
+            # The same gateway with per-request statistics off: the difference is what metrics cost.
+            bare = Target("gateway_nostats", "D gateway, stats off")
+            tg.start_gateway(sup, bare, args.gateway, backend.port, place.target, ("--no-stats",))
+            self.targets["gateway_nostats"] = bare
         for target in self.targets.values():
             self.check(target)
 
@@ -253,7 +258,7 @@ class Bench:
             try:
                 tg.verify(target)
             except (ValueError, OSError) as exc:
-                if target.key != "gateway":
+                if not target.key.startswith("gateway"):
                     raise RuntimeError(f"{target.label} answers wrongly (a benchmark bug): {exc}") from exc
                 target.unavailable = f"{target.url} answers wrongly: {exc}"
         if target.unavailable:

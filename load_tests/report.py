@@ -66,7 +66,8 @@ def comparisons(targets: dict[str, Target]) -> dict[str, Stat | None]:
     """Throughput ratios and added latency; keys name what is compared, as in the JSON output."""
     result: dict[str, Stat | None] = {}
     measured = {k: t for k, t in targets.items() if t.samples}
-    for a, b in [("gateway", "nginx"), ("nginx", "direct"), ("gateway", "direct")]:
+    pairs = [("gateway", "nginx"), ("nginx", "direct"), ("gateway", "direct"), ("gateway", "gateway_nostats")]
+    for a, b in pairs:
         if a in measured and b in measured:
             result[f"throughput_{a}_over_{b}"] = per_round(
                 measured[a], measured[b], "throughput", lambda x, y: x.wrk.rps / y.wrk.rps
@@ -86,6 +87,7 @@ COMPARISON_LABELS = {
     "throughput_gateway_over_direct": "throughput gateway / direct backend",
     "added_p50_us_nginx": "p50 added by nginx proxy at 1 connection (us)",
     "added_p50_us_gateway": "p50 added by gateway at 1 connection (us)",
+    "throughput_gateway_over_gateway_nostats": "throughput gateway / gateway with stats off (metrics cost)",
 }
 
 

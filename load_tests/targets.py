@@ -92,17 +92,23 @@ def start_nginx_proxy(supervisor: Supervisor, backend_port: int, core: int | Non
 
 
 def start_gateway(
-    supervisor: Supervisor, target: Target, gateway: Path, backend_port: int, core: int | None
+    supervisor: Supervisor,
+    target: Target,
+    gateway: Path,
+    backend_port: int,
+    core: int | None,
+    extra_args: tuple[str, ...] = (),
 ) -> None:
     """Starts `gateway serve`; on failure, marks the target unavailable with the reason instead of
     aborting, so the nginx numbers of the run are still printed."""
-    routes = supervisor.workdir / "routes.yaml"
+    routes = supervisor.workdir / f"routes-{target.key}.yaml"
     routes.write_text(ROUTES_YAML.format(backend_port=backend_port))
     target.port = free_port()
     argv = [str(gateway), "serve", "--config", str(routes), "--host", "127.0.0.1"]
     argv += ["--port", str(target.port), "--workers", "1"]
     # Its own admin port and state directory, as in production, without colliding with a running gateway.
-    argv += ["--admin-port", str(free_port()), "--state-dir", str(routes.parent / "gateway-state")]
+    argv += ["--admin-port", str(free_port()), "--state-dir", str(routes.parent / f"state-{target.key}")]
+    argv += extra_args
     if not gateway.exists():
         target.unavailable = f"{gateway} does not exist (is the virtualenv installed?)"
         return
