@@ -8,15 +8,23 @@ import sys
 from collections.abc import Sequence
 
 from gateway import admin_cli, config, server
+from gateway.table import RouteTable
 
 
-def _validate(args: argparse.Namespace) -> int:
+def _load_or_report(path: str, consequence: str) -> RouteTable | None:
+    """The table in `path`, or None after printing every error and what follows from them."""
     try:
-        table = config.load_table(args.file)
+        return config.load_table(path)
     except config.ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
-        print(f"{args.file}: {len(exc.issues)} error(s); nothing was loaded", file=sys.stderr)
+        print(f"{path}: {len(exc.issues)} error(s); {consequence}", file=sys.stderr)
+        return None
+
+
+def _validate(args: argparse.Namespace) -> int:
+    table = _load_or_report(args.file, "nothing was loaded")
+    if table is None:
         return 1
     versions = sum(len(m.versions) for m in table.models.values())
     summary = f"{len(table.models)} model(s), {versions} version(s), revision {table.revision[:12]}"
@@ -41,12 +49,8 @@ def _serve(args: argparse.Namespace) -> int:
         worker_index=args.worker_index,
         stats=not args.no_stats,
     )
-    try:
-        table = config.load_table(args.config)
-    except config.ConfigError as exc:
-        for issue in exc.issues:
-            print(issue, file=sys.stderr)
-        print(f"{args.config}: not serving, fix the error(s) above", file=sys.stderr)
+    table = _load_or_report(args.config, "not serving, fix them first")
+    if table is None:
         return 1
     argv = ["serve", "--config", args.config, "--host", args.host, "--port", str(args.port)]
     argv += ["--shutdown-timeout", str(args.shutdown_timeout), "--log-level", args.log_level]

@@ -32,8 +32,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--routes", default="routes.yaml")
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--admin-port", type=int, default=8081)
     parser.add_argument("--log-dir", default=str(REPO / "run"))
     args = parser.parse_args()
+    state_dir = Path(args.log_dir) / "state"
 
     check = subprocess.run([sys.executable, "-m", "gateway", "validate", args.routes])
     if check.returncode != 0:
@@ -50,7 +52,20 @@ def main() -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     gateway = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", args.routes, "--port", str(args.port)],
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--config",
+            args.routes,
+            "--port",
+            str(args.port),
+            "--admin-port",
+            str(args.admin_port),
+            "--state-dir",
+            str(state_dir),
+        ],
         start_new_session=True,  # Ctrl-C reaches us only; we stop the gateway gracefully ourselves
     )
     try:
@@ -61,6 +76,12 @@ def main() -> int:
             targets = ", ".join(f"{m}/{n}" for m, n in backend.targets)
             print(f"  backend {backend.name}: {targets} at {process.url}")
         print(f"\ngateway: http://127.0.0.1:{args.port}  (e.g. POST /v2/models/fraud-detector/infer)")
+        print(
+            f"admin:   http://127.0.0.1:{args.admin_port}/api/status  (metrics: /metrics, API: /openapi.json)"
+        )
+        print(f"         token: $GATEWAY_ADMIN_TOKEN, or the file {state_dir / 'admin-token'}")
+        status_command = f".venv/bin/gateway status --admin http://127.0.0.1:{args.admin_port}"
+        print(f"         try: {status_command} --state-dir {state_dir}")
         print("press Ctrl-C to stop\n", flush=True)
         while not stop.wait(0.5):
             if gateway.poll() is not None:

@@ -10,7 +10,6 @@ Timing assertions use wide margins: the machine these run on is small and shared
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import select
@@ -83,29 +82,6 @@ def backend_seen() -> Iterator[list[tuple[str, dict[str, str]]]]:
 def backend(backend_seen: list[tuple[str, dict[str, str]]]) -> Iterator[FaultBackend]:
     with fault_backend() as fb:
         yield fb
-        end_backend_handlers(fb)
-
-
-def end_backend_handlers(fb: FaultBackend) -> None:
-    """Cancel the fake backend's handlers still waiting (hang, idle keep-alive) while its loop runs.
-
-    `FaultBackend.stop` only stops the loop; handlers left suspended are finalized later, after the loop
-    is closed, and raise "Event loop is closed" as unraisable exceptions at an arbitrary point of the run.
-    """
-
-    def quiet(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        # asyncio's stream server reports a cancelled handler as an error; here it is intended.
-        if not isinstance(context.get("exception"), asyncio.CancelledError):
-            loop.default_exception_handler(context)
-
-    async def cancel_all() -> None:
-        asyncio.get_running_loop().set_exception_handler(quiet)
-        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    asyncio.run_coroutine_threadsafe(cancel_all(), fb._loop).result(10)
 
 
 @pytest.fixture(scope="module")
