@@ -23,8 +23,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from gateway import metrics
+from gateway.admin_keys import add_key_routes
 from gateway.admin_openapi import OPENAPI
 from gateway.controlplane import ControlPlane, OverrideError
+from gateway.store.base import Store
 
 log = logging.getLogger("gateway.admin")
 
@@ -133,6 +135,9 @@ class AdminAPI:
 
     async def backends(self, request: web.Request) -> web.Response:
         return _json(self.plane.backends_view())
+
+    async def store(self, request: web.Request) -> web.Response:
+        return _json(self.plane.store_view())
 
     async def audit(self, request: web.Request) -> web.Response:
         text = request.query.get("limit", "100")
@@ -266,7 +271,7 @@ async def _sample_forever(plane: ControlPlane) -> None:
         await asyncio.sleep(SAMPLE_EVERY)
 
 
-def build_admin_app(plane: ControlPlane, tokens: dict[str, str]) -> web.Application:
+def build_admin_app(plane: ControlPlane, tokens: dict[str, str], store: Store) -> web.Application:
     """The admin application; `tokens` maps each token's secret to its name (who acts with it)."""
     app = web.Application(middlewares=[_errors_middleware, _auth_middleware(TokenCheck(tokens))])
     api = AdminAPI(plane)
@@ -276,6 +281,7 @@ def build_admin_app(plane: ControlPlane, tokens: dict[str, str]) -> web.Applicat
         ("/api/versions", api.versions),
         ("/api/reloads", api.reloads),
         ("/api/backends", api.backends),
+        ("/api/store", api.store),
         ("/api/audit", api.audit),
         ("/api/status", api.status),
         ("/metrics", api.metrics),
@@ -285,6 +291,7 @@ def build_admin_app(plane: ControlPlane, tokens: dict[str, str]) -> web.Applicat
     router.add_post("/api/reload", api.reload)
     router.add_put("/api/models/{model}/weights", api.set_weights)
     router.add_delete("/api/models/{model}/weights", api.clear_weights)
+    add_key_routes(app, store, plane.state_dir)
 
     async def start_sampling(app: web.Application) -> None:
         app[_SAMPLER] = asyncio.create_task(_sample_forever(plane), name="admin-sampler")

@@ -27,15 +27,15 @@ class AdminError(Exception):
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = subparsers.add_parser("status", help="models, versions, weights and live stats of a gateway")
-    _connection_options(status)
+    connection_options(status)
     status.set_defaults(func=run_status)
 
     reload = subparsers.add_parser("reload", help="make every worker reload the routes file now")
-    _connection_options(reload)
+    connection_options(reload)
     reload.set_defaults(func=run_reload)
 
 
-def _connection_options(parser: argparse.ArgumentParser) -> None:
+def connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--admin",
         default=os.environ.get("GATEWAY_ADMIN_URL", DEFAULT_ADMIN),
@@ -80,27 +80,26 @@ def resolve_token(args: argparse.Namespace) -> str:
     )
 
 
-def call(args: argparse.Namespace, method: str, path: str) -> tuple[int, Any]:
-    """(status, parsed JSON) of one admin API call; AdminError for anything a person must fix."""
+def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """(status, parsed JSON) of one admin API call with an optional JSON body; AdminError for anything
+    a person must fix."""
     base = str(args.admin).rstrip("/")
-    url = base + path
-    request = urllib.request.Request(
-        url,
-        method=method,
-        headers={"Authorization": f"Bearer {resolve_token(args)}", "Accept": "application/json"},
-    )
+    headers = {"Authorization": f"Bearer {resolve_token(args)}", "Accept": "application/json"}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=args.timeout) as response:
-            status, body = response.status, response.read()
+            status, raw = response.status, response.read()
     except urllib.error.HTTPError as exc:
-        status, body = exc.code, exc.read()
+        status, raw = exc.code, exc.read()
     except urllib.error.URLError as exc:
-        reason = (
-            exc.reason.strerror if isinstance(exc.reason, OSError) and exc.reason.strerror else exc.reason
-        )
+        reason = exc.reason.strerror if isinstance(exc.reason, OSError) else exc.reason
         raise AdminError(
-            f"cannot connect to the admin API at {base}: {reason}; is the gateway running, "
-            "and is --admin (or GATEWAY_ADMIN_URL) its admin address?"
+            f"cannot connect to the admin API at {base}: {reason or exc.reason}; is the gateway "
+            "running, and is --admin (or GATEWAY_ADMIN_URL) its admin address?"
         ) from None
     except TimeoutError:
         raise AdminError(f"the admin API at {base} did not answer within {args.timeout:g}s") from None
@@ -112,16 +111,15 @@ def call(args: argparse.Namespace, method: str, path: str) -> tuple[int, Any]:
             "gateway's admin tokens (or pass --state-dir to read the generated one)"
         )
     try:
-        data = json.loads(body)
+        return status, json.loads(raw)
     except ValueError:
         raise AdminError(
-            f"{method} {url} answered {status} with something that is not JSON ({body[:80]!r}); "
+            f"{method} {base + path} answered {status} with something that is not JSON ({raw[:80]!r}); "
             "is --admin pointing at the gateway's admin port?"
         ) from None
-    return status, data
 
 
-def _fail(status: int, data: Any) -> AdminError:
+def fail(status: int, data: Any) -> AdminError:
     message = data.get("error") if isinstance(data, dict) else None
     return AdminError(f"the admin API answered {status}: {message or data!r}")
 
@@ -133,7 +131,7 @@ def run_status(args: argparse.Namespace) -> int:
     try:
         status, data = call(args, "GET", "/api/status")
         if status != 200:
-            raise _fail(status, data)
+            raise fail(status, data)
     except AdminError as exc:
         print(f"gateway status: {exc}", file=sys.stderr)
         return 1
@@ -257,7 +255,7 @@ def run_reload(args: argparse.Namespace) -> int:
     try:
         status, data = call(args, "POST", "/api/reload")
         if status not in (200, 422, 504) or not isinstance(data, dict):
-            raise _fail(status, data)
+            raise fail(status, data)
     except AdminError as exc:
         print(f"gateway reload: {exc}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import __version__
+from gateway.admin_keys import KEYS_OPENAPI_PATHS, KEYS_OPENAPI_SCHEMAS
 
 
 def _json(schema: str, description: str) -> dict[str, Any]:
@@ -130,6 +131,12 @@ _SCHEMAS: dict[str, Any] = {
             "events": {"type": "array", "items": {"$ref": "#/components/schemas/ReloadEvent"}},
             "last_error": {"oneOf": [{"$ref": "#/components/schemas/ReloadEvent"}, {"type": "null"}]},
         },
+    },
+    "StoreView": {
+        "type": "object",
+        "description": "Per worker pid: store_url (password hidden), store_up, on_error, live_processes, "
+        "store_errors, fail_open and fail_closed counts.",
+        "additionalProperties": {"type": "object"},
     },
     "BackendsView": {
         "type": "object",
@@ -273,6 +280,12 @@ OPENAPI: dict[str, Any] = {
         "/api/versions": _read("getVersions", "Versions with live stats", "VersionsView", "Per version"),
         "/api/reloads": _read("getReloads", "Reload history with errors", "ReloadsView", "Newest first"),
         "/api/backends": _read("getBackends", "Backend and version health", "BackendsView", "Per worker"),
+        "/api/store": _read(
+            "getStore",
+            "Store health per worker",
+            "StoreView",
+            "URL (password hidden), reachability, fallbacks",
+        ),
         "/api/status": _read("getStatus", "Overview for the CLI", "Status", "Routes and versions together"),
         "/api/audit": {
             "get": {
@@ -352,6 +365,7 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        **KEYS_OPENAPI_PATHS,
     },
     "components": {
         "securitySchemes": {
@@ -366,6 +380,6 @@ OPENAPI: dict[str, Any] = {
             "NotFound": _json("Error", "Nothing there"),
             "InternalError": _json("Error", "The gateway failed; the details are in its log"),
         },
-        "schemas": _SCHEMAS,
+        "schemas": {**_SCHEMAS, **KEYS_OPENAPI_SCHEMAS},
     },
 }

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from gateway import admin_cli, config, server
+from gateway import admin_cli, config, keys_cli, server
 from gateway.table import RouteTable
 
 
@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
     admin_cli.add_commands(commands)
+    keys_cli.add_commands(commands)
     return parser
 
 

@@ -183,6 +183,14 @@ class ControlPlane:
     def backends_view(self) -> dict[str, Any]:
         return {str(w["pid"]): {"alive": w["alive"], **w.get("health", {})} for w in self.workers()}
 
+    def store_view(self) -> dict[str, Any]:
+        """Each worker's view of the store: reachable or not, and what it did while it was not."""
+        view = {}
+        for worker in self.workers():
+            admission = {k: v for k, v in worker.get("admission", {}).items() if k != "outcomes"}
+            view[str(worker["pid"])] = {"alive": worker["alive"], **admission}
+        return view
+
     def audit(self, limit: int = 100) -> list[dict[str, Any]]:
         return snapshots.read_audit(self.state_dir, limit)
 

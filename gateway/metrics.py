@@ -77,6 +77,7 @@ class SnapshotCollector:
         yield from self._unrouted()
         yield from self._reloads()
         yield from self._health()
+        yield from self._admission()
         yield from self._process()
 
     # -- per version -------------------------------------------------------------------------------
@@ -156,6 +157,40 @@ class SnapshotCollector:
             "Open client connections, over live workers.",
             value=sum(w.get("connections", 0) for w in self.live),
         )
+
+    # -- keys, limits and the store ---------------------------------------------------------------
+
+    def _admission(self) -> Iterator[Metric]:
+        outcomes = CounterMetricFamily(
+            "gateway_admission",
+            "Admission outcomes by API key name (empty: anonymous), model and outcome "
+            "(admitted, limited, no_key, denied_401, denied_403, store_unavailable).",
+            labels=["key", "model", "outcome"],
+        )
+        totals: dict[tuple[str, str, str], int] = {}
+        for worker in self.workers:
+            for key, model, outcome, count in worker.get("admission", {}).get("outcomes", []):
+                totals[(key, model, outcome)] = totals.get((key, model, outcome), 0) + count
+        for labels, count in sorted(totals.items()):
+            outcomes.add_metric(list(labels), count)
+        yield outcomes
+        errors = CounterMetricFamily("gateway_store_errors", "Store operations that failed or timed out.")
+        errors.add_metric([], sum(w.get("admission", {}).get("store_errors", 0) for w in self.workers))
+        yield errors
+        fallback = CounterMetricFamily(
+            "gateway_store_fallback",
+            "Requests decided without the store, by store.on_error mode (fail_open: local limits; "
+            "fail_closed: answered 503).",
+            labels=["mode"],
+        )
+        for mode in ("fail_open", "fail_closed"):
+            fallback.add_metric([mode], sum(w.get("admission", {}).get(mode, 0) for w in self.workers))
+        yield fallback
+        up = GaugeMetricFamily("gateway_store_up", "1 while this worker reaches the store.", labels=["pid"])
+        for worker in self.live:
+            if "admission" in worker:
+                up.add_metric([str(worker["pid"])], 1.0 if worker["admission"].get("store_up") else 0.0)
+        yield up
 
     # -- configuration -----------------------------------------------------------------------------
 

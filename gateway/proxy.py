@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway import control
+from gateway.admission import ADMITTED, Admission, Decision
 from gateway.http_server import ClientConnection, Headers, Request
 from gateway.routing import Endpoint, Router, Target, effective_split, parse_path
 from gateway.stats import Outcome, Stats, VersionCounters, outcome_of
@@ -44,6 +45,7 @@ _DROP_REQUEST = HOP_BY_HOP | {
 }
 _DROP_RESPONSE = HOP_BY_HOP | {b"content-length", b"x-model-version", b"x-request-id", b"proxy-authenticate"}
 _JSON = (b"content-type", b"application/json")
+_BEARER = [(b"www-authenticate", b"Bearer")]
 MAX_REQUEST_ID = 200
 PATH_CACHE_SIZE = 4096
 MAX_MIRRORS_IN_FLIGHT = 128  # shadow copies beyond this are skipped: a slow mirror must not pile up
@@ -102,6 +104,7 @@ class Gateway:
         self.router = Router(table)
         self._routes: dict[tuple[str, str], _VersionRoute] = {}
         self._targets: dict[str, Target | None] = {}  # parsed paths; clients reuse a handful of them
+        self.admission: Admission | None = None  # set by the worker once the store is open
         self.mirrors_in_flight = 0
         self.mirrors_skipped = 0
         self.set_table(table)
@@ -169,24 +172,43 @@ class Gateway:
         if request.method != "POST":
             self.reject(conn, 405, f"inference takes POST, not {request.method}")
             return
-        if self.table.keys.required:
-            # API keys arrive with the key store; until then a table that requires them serves nobody
-            # rather than everybody.
-            message = "this gateway requires an API key (keys.required: true) but has no key store yet"
-            self.reject(conn, 401, message, [(b"www-authenticate", b"Bearer")])
+        table = self.table
+        if table.keys.required and not (request.header(b"authorization") or request.header(b"x-api-key")):
+            # Before the model lookup, so callers without a key cannot probe which models exist.
+            self.reject(
+                conn, 401, "an API key is required: send Authorization: Bearer <key> or X-API-Key", _BEARER
+            )
             return
-        model = self.table.models.get(target.model)
+        model = table.models.get(target.model)
         if model is None:
             self.reject(conn, 404, self._unknown_model(target.model))
             return
-        pin = target.version or (request.header(b"x-model-version") or b"").decode("latin-1")
+        if self.admission is not None and self.admission.needed(table, model):
+
+            def admitted(decision: Decision) -> None:
+                if not conn.closed:
+                    self._forward(request, conn, model, target.version, decision)
+
+            self.admission.admit(table, model, request, admitted)
+            return
+        self._forward(request, conn, model, target.version, ADMITTED)
+
+    def _forward(
+        self, request: Request, conn: ClientConnection, model: Model, path_pin: str, decision: Decision
+    ) -> None:
+        """Route an admitted request to a version and send it on its way."""
+        if decision.status:
+            extra = decision.headers + (_BEARER if decision.status == 401 else [])
+            self.reject(conn, decision.status, decision.message, extra)
+            return
+        pin = path_pin or (request.header(b"x-model-version") or b"").decode("latin-1")
         version = self._pick(model, pin, request)
         if version is None:
             if pin:
-                message = f"model {model.name} has no version or alias {pin!r}; versions: " + ", ".join(
-                    model.versions
+                versions = ", ".join(model.versions)
+                self.reject(
+                    conn, 404, f"model {model.name} has no version or alias {pin!r}; versions: {versions}"
                 )
-                self.reject(conn, 404, message)
             else:
                 reasons = "; ".join(
                     f"{version} is not ready: {why}"
@@ -201,7 +223,7 @@ class Gateway:
             self.reject(conn, 503, f"version {version.id} of {model.name} is not ready: {why}")
             return
         route = self._routes[(model.name, version.id)]
-        exchange = ProxyExchange(self, conn, route, request_id_of(request))
+        exchange = ProxyExchange(self, conn, route, request_id_of(request), decision.headers)
         exchange.start(self._upstream_request(request, route, exchange.request_id))
         if model.mirror is not None:
             shadow = self.router.mirror_to(model, version)
@@ -322,9 +344,27 @@ class ShadowExchange:
 class ProxyExchange:
     """One inference request on its way to a backend and back."""
 
-    __slots__ = ("_gateway", "_route", "_started", "_status", "_t0", "_upstream", "conn", "request_id")
+    __slots__ = (
+        "_extra",
+        "_gateway",
+        "_route",
+        "_started",
+        "_status",
+        "_t0",
+        "_upstream",
+        "conn",
+        "request_id",
+    )
 
-    def __init__(self, gateway: Gateway, conn: ClientConnection, route: _VersionRoute, request_id: bytes):
+    def __init__(
+        self,
+        gateway: Gateway,
+        conn: ClientConnection,
+        route: _VersionRoute,
+        request_id: bytes,
+        extra_headers: Headers | None = None,
+    ):
+        self._extra = extra_headers  # rate-limit headers from admission
         self._gateway = gateway
         self.conn = conn
         self._route = route
@@ -366,6 +406,8 @@ class ProxyExchange:
                 drop = drop | {token.strip().lower() for token in value.split(b",")}
         out = [header for header in headers if header[0] not in drop]
         out += ((b"x-model-version", self._route.id), (b"x-request-id", self.request_id))
+        if self._extra:
+            out += self._extra
         self.conn.start_response(status, out, content_length)
 
     def upstream_body(self, data: bytes) -> None:
@@ -416,4 +458,6 @@ class ProxyExchange:
         if self.conn.closed:
             return
         extra = [(b"x-model-version", self._route.id), (b"x-request-id", self.request_id)]
+        if self._extra:
+            extra += self._extra
         self._gateway.respond_error(self.conn, status, message, extra)

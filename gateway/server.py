@@ -23,6 +23,7 @@ from pathlib import Path
 
 from gateway import snapshots
 from gateway.controlplane import ControlPlane
+from gateway.store import Store, open_store
 from gateway.table import RouteTable
 from gateway.worker import Worker, WorkerOptions
 
@@ -104,7 +105,7 @@ def admin_tokens(state_dir: Path, host: str) -> dict[str, str]:
     return {secret: "local-admin"}
 
 
-async def start_admin(plane: ControlPlane, options: ServeOptions) -> object | None:
+async def start_admin(plane: ControlPlane, options: ServeOptions, store: Store) -> object | None:
     """Serve the admin API; returns the runner to clean up, or None without an admin port."""
     if options.admin_port is None:
         return None
@@ -113,7 +114,7 @@ async def start_admin(plane: ControlPlane, options: ServeOptions) -> object | No
     from gateway.admin import build_admin_app
 
     tokens = admin_tokens(plane.state_dir, options.admin_host)
-    runner = web.AppRunner(build_admin_app(plane, tokens), access_log=None)
+    runner = web.AppRunner(build_admin_app(plane, tokens, store), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, options.admin_host, options.admin_port).start()
     log.info("admin API on http://%s:%d", options.admin_host, options.admin_port)
@@ -158,7 +159,8 @@ async def serve_single(table: RouteTable, options: ServeOptions) -> None:
     if options.admin_port is not None:
         plane = ControlPlane(options.config, state_dir, reload_here)
         try:
-            runner = await start_admin(plane, options)
+            # The same store object as the data plane: with the memory store, keys live in this process.
+            runner = await start_admin(plane, options, worker.store)
         except (AdminRefused, OSError):
             server.close()
             raise
@@ -201,8 +203,10 @@ async def supervise(options: ServeOptions, worker_argv: list[str]) -> int:
     for index in range(options.workers):
         await start(index)
     plane = ControlPlane(options.config, state_dir, reload_all)
+    table = plane.table()
+    store = open_store(table.store.url if table is not None else "memory://")
     try:
-        runner = await start_admin(plane, options)
+        runner = await start_admin(plane, options, store)
     except (AdminRefused, OSError):
         stop(signal.SIGTERM)
         for process in workers.values():
@@ -229,22 +233,31 @@ async def supervise(options: ServeOptions, worker_argv: list[str]) -> int:
                     await start(index)
     finally:
         await _stop_admin(runner)
+        await store.close()
     return status
 
 
 def not_yet_enforced(table: RouteTable) -> list[str]:
     """Settings the file may hold that this build accepts but does not act on yet."""
-    notes = []
-    for model in table.models.values():
-        if model.rollout is not None:
-            notes.append(f"model {model.name}: rollout is not automated yet; the split in the file applies")
-        if model.limit is not None:
-            notes.append(f"model {model.name}: limit is not enforced yet")
-    if table.keys.required:
-        notes.append("keys.required is true and there is no key store yet: inference answers 401")
-    if table.keys.default_limit is not None:
-        notes.append("keys.default_limit is not enforced yet")
-    return notes
+    return [
+        f"model {model.name}: rollout is not automated yet; the split in the file applies"
+        for model in table.models.values()
+        if model.rollout is not None
+    ]
+
+
+def shared_state_problem(table: RouteTable, workers: int) -> str | None:
+    """Why this table cannot run on this many workers, if it cannot."""
+    if workers <= 1 or not table.store.url.startswith("memory:"):
+        return None
+    needs = table.keys.required or table.keys.default_limit is not None
+    needs = needs or any(model.limit is not None for model in table.models.values())
+    if not needs:
+        return None
+    return (
+        f"--workers {workers} with the memory store: API keys and rate limits would not be shared between "
+        "the workers; set store.url to a Redis URL (REDIS_URL=redis://127.0.0.1:6379/0) or use one worker"
+    )
 
 
 def run(table: RouteTable, options: ServeOptions, worker_argv: list[str]) -> int:
@@ -254,6 +267,10 @@ def run(table: RouteTable, options: ServeOptions, worker_argv: list[str]) -> int
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency; this keeps odd platforms working
         runner = asyncio.run  # type: ignore[assignment]
+    problem = shared_state_problem(table, options.workers)
+    if problem is not None:
+        print(f"gateway: refusing to start: {problem}", file=sys.stderr)
+        return 1
     try:
         if options.workers > 1:
             return runner(supervise(options, worker_argv))

@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from gateway import config, snapshots
+from gateway.admission import Admission, redacted
 from gateway.deadlines import Deadlines, resolution_for
 from gateway.health import HealthChecker
 from gateway.http_server import ClientConnection
 from gateway.proxy import Gateway
 from gateway.stats import Stats
+from gateway.store import Store, open_store
 from gateway.table import RouteTable, model_digest
 from gateway.watch import FileWatcher
 
@@ -43,11 +45,15 @@ class WorkerOptions:
 
 
 class Worker:
-    def __init__(self, table: RouteTable, options: WorkerOptions) -> None:
+    def __init__(self, table: RouteTable, options: WorkerOptions, store: Store | None = None) -> None:
         self.options = options
         self.loop = asyncio.get_running_loop()
         self.stats = Stats(enabled=options.stats)
         self.gateway = Gateway(table, self.loop, self.stats)
+        # The store is opened once: a reload that changes store.url takes effect at the next restart.
+        self.store = store if store is not None else open_store(table.store.url)
+        self.admission = Admission(self.store, table.store.on_error)
+        self.gateway.admission = self.admission
         self.health = HealthChecker(self._apply_routing)
         self.health.set_table(table)
         settings = table.server
@@ -76,6 +82,7 @@ class Worker:
             self.loop.add_signal_handler(signum, self._stop.set)
         self.loop.add_signal_handler(signal.SIGHUP, lambda: self.reload("signal"))
         await self._watcher.start()
+        await self.admission.start()
         self._apply_routing()
         self.health.start()
         publisher = self.loop.create_task(self._publish_forever())
@@ -100,6 +107,7 @@ class Worker:
         self.publish()
         self.connections.close()
         await self.health.stop()
+        await self.admission.stop()
         await self.gateway.close()
 
     def stop(self) -> None:
@@ -121,6 +129,9 @@ class Worker:
             self._record_reload(trigger, None, errors, time.perf_counter() - started)
             self.publish()
             return False
+        if table.store.url != self.gateway.table.store.url:
+            log.warning("store.url changed in %s; it takes effect at the next restart", self.options.config)
+        self.admission.on_error = table.store.on_error
         self.gateway.set_table(table)
         self.health.set_table(table)
         self._apply_routing()
@@ -189,6 +200,22 @@ class Worker:
             "stats": self.stats.to_json(),
             "mirrors": {"in_flight": gateway.mirrors_in_flight, "skipped": gateway.mirrors_skipped},
             "connections": len(self.connections),
+            "admission": self._admission_snapshot(),
+        }
+
+    def _admission_snapshot(self) -> dict[str, Any]:
+        admission = self.admission
+        return {
+            "store_url": redacted(self.store.url),
+            "store_up": admission.store_up,
+            "on_error": admission.on_error,
+            "live_processes": admission.live_processes,
+            "store_errors": admission.stats.store_errors,
+            "fail_open": admission.stats.fail_open,
+            "fail_closed": admission.stats.fail_closed,
+            "outcomes": [
+                [key, model, outcome, n] for (key, model, outcome), n in admission.stats.outcomes.items()
+            ],
         }
 
     def publish(self) -> None:

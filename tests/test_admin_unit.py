@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway import admin, admin_cli, snapshots
 from gateway.admin_openapi import OPENAPI
 from gateway.controlplane import ControlPlane
+from gateway.store.memory import MemoryStore
 
 ALICE, BOB = "s3cret-alice-token", "s3cret-bob-token"
 TOKENS = {ALICE: "alice", BOB: "bob"}
@@ -143,7 +144,7 @@ async def api(tmp_path: Path) -> AsyncIterator[Admin]:
     plane = ControlPlane(str(config), fleet.state, fleet.trigger)
     fleet.write(101)
     fleet.write(102)
-    app = admin.build_admin_app(plane, dict(TOKENS))
+    app = admin.build_admin_app(plane, dict(TOKENS), MemoryStore())
     async with TestClient(TestServer(app)) as client:
         yield Admin(client, plane, fleet, app)
 
@@ -153,7 +154,7 @@ def served_routes(app: web.Application) -> set[tuple[str, str]]:
 
 
 def concrete(path: str) -> str:
-    return path.replace("{model}", FD)
+    return path.replace("{model}", FD).replace("{name}", "team-a")
 
 
 # -- authentication ------------------------------------------------------------------------------
@@ -164,7 +165,7 @@ async def test_every_route_refuses_without_a_valid_token(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     routes = served_routes(api.app) | {("GET", "/no/such/route")}
-    assert len(routes) == 12  # 11 served, and one that is not
+    assert len(routes) == 18  # 17 served, and one that is not
     wrong = ["", "Bearer", "Bearer ", "Bearer nope", f"Basic {ALICE}", f"Bearer {ALICE}x", ALICE]
     for method, path in sorted(routes):
         async with api.client.request(method, concrete(path)) as response:
@@ -195,7 +196,7 @@ async def test_token_name_is_who_and_secret_never_logged(
 def test_empty_token_is_refused_at_build_time(tmp_path: Path) -> None:
     plane = ControlPlane(str(tmp_path / "routes.yaml"), tmp_path / "state", _never)
     with pytest.raises(ValueError, match="empty"):
-        admin.build_admin_app(plane, {"": "anyone"})
+        admin.build_admin_app(plane, {"": "anyone"}, MemoryStore())
 
 
 # -- reading -------------------------------------------------------------------------------------

@@ -1,0 +1,82 @@
+"""The store interface, written once; algorithms above it never know which store they talk to."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gateway.ratelimit import Limit, Verdict
+
+
+class StoreUnavailable(Exception):
+    """The store did not answer (down, unreachable, or slower than its timeout)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """An API key as stored: never the secret, only its SHA-256."""
+
+    name: str  # unique, human-chosen; what logs, metrics and the audit log show
+    secret_hash: str  # hex sha256 of the secret
+    models: tuple[str, ...] = ()  # models it may call; empty means all
+    rate: float | None = None  # its own limit, per second; None uses keys.default_limit
+    burst: int | None = None
+    expires_at: float | None = None  # epoch seconds
+    disabled: bool = False
+    created_at: float = 0.0
+    created_by: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Revoked = Callable[[str], None]  # called with the secret hash of a key that changed or went away
+
+
+class Store(Protocol):
+    """Everything the gateway keeps outside one process."""
+
+    url: str
+
+    async def check_limits(self, requests: Sequence[Sequence[Limit]]) -> list[tuple[bool, list[Verdict]]]:
+        """One all-or-nothing decision per request (each a sequence of limits); one round trip for all."""
+        ...
+
+    async def get_key(self, secret_hash: str) -> KeyRecord | None: ...
+
+    async def put_key(self, record: KeyRecord) -> None:
+        """Create or replace a key (by name); tells every process that the old one is gone."""
+        ...
+
+    async def list_keys(self) -> list[KeyRecord]: ...
+
+    async def delete_key(self, name: str) -> KeyRecord | None:
+        """Remove a key by name and tell every process; returns what was removed."""
+        ...
+
+    async def watch_keys(self, on_change: Revoked) -> Callable[[], Awaitable[None]]:
+        """Call `on_change(secret_hash)` whenever any process changes or removes a key; returns a stopper."""
+        ...
+
+    async def heartbeat(self, process_id: str, ttl: float) -> int:
+        """Say this process is alive for `ttl` seconds; returns how many processes are alive."""
+        ...
+
+    async def ping(self) -> float:
+        """Round-trip time in seconds; raises StoreUnavailable."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def open_store(url: str, timeout: float = 0.25) -> Store:
+    """The store for a URL: memory:// or redis://, rediss://, redis+sentinel://, redis+cluster://."""
+    scheme = url.partition("://")[0].lower()
+    if scheme == "memory":
+        from gateway.store.memory import MemoryStore
+
+        return MemoryStore(url)
+    if scheme in ("redis", "rediss", "redis+sentinel", "redis+cluster"):
+        from gateway.store.redis import RedisStore
+
+        return RedisStore(url, timeout=timeout)
+    raise ValueError(f"unsupported store URL scheme {scheme!r}")

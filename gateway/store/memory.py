@@ -1,0 +1,69 @@
+"""The embedded store: process memory. Exact for one process; it cannot be shared, so a gateway with
+several workers refuses it whenever it would hold shared state (keys or limits)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from gateway.ratelimit import Limit, Verdict, check_all
+from gateway.store.base import KeyRecord, Revoked
+
+
+class MemoryStore:
+    def __init__(self, url: str = "memory://") -> None:
+        self.url = url
+        self._tats: dict[str, float] = {}
+        self._keys: dict[str, KeyRecord] = {}  # by name
+        self._watchers: list[Revoked] = []
+
+    async def check_limits(self, requests: Sequence[Sequence[Limit]]) -> list[tuple[bool, list[Verdict]]]:
+        now = time.time()
+        decisions = []
+        for limits in requests:
+            tats = [self._tats.get(limit.bucket, 0.0) for limit in limits]
+            admitted, new_tats, verdicts = check_all(tats, now, limits)
+            if admitted:
+                for limit, tat in zip(limits, new_tats, strict=True):
+                    self._tats[limit.bucket] = tat
+            decisions.append((admitted, verdicts))
+        return decisions
+
+    async def get_key(self, secret_hash: str) -> KeyRecord | None:
+        return next((k for k in self._keys.values() if k.secret_hash == secret_hash), None)
+
+    async def put_key(self, record: KeyRecord) -> None:
+        old = self._keys.get(record.name)
+        self._keys[record.name] = record
+        if old is not None:
+            self._notify(old.secret_hash)
+
+    async def list_keys(self) -> list[KeyRecord]:
+        return sorted(self._keys.values(), key=lambda k: k.name)
+
+    async def delete_key(self, name: str) -> KeyRecord | None:
+        old = self._keys.pop(name, None)
+        if old is not None:
+            self._notify(old.secret_hash)
+        return old
+
+    async def watch_keys(self, on_change: Revoked) -> Callable[[], Awaitable[None]]:
+        self._watchers.append(on_change)
+
+        async def stop() -> None:
+            self._watchers.remove(on_change)
+
+        return stop
+
+    async def heartbeat(self, process_id: str, ttl: float) -> int:
+        return 1
+
+    async def ping(self) -> float:
+        return 0.0
+
+    async def close(self) -> None:
+        pass
+
+    def _notify(self, secret_hash: str) -> None:
+        for watcher in list(self._watchers):
+            watcher(secret_hash)

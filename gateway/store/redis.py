@@ -1,0 +1,440 @@
+"""The Redis store: keys, rate-limit buckets and heartbeats shared by every gateway process.
+
+URLs: `redis://[:password@]host:port/db`, `rediss://...` (TLS), `redis+sentinel://[:password@]host:port[,...]
+/service[/db]` (the password is the master's) and `redis+cluster://[:password@]host:port[,...]`.
+
+Failure is quick and explicit: every operation is bounded by `timeout` (socket timeouts plus an overall
+`asyncio.wait_for`) and raises `StoreUnavailable`; redis-py's own retries are off, so nothing waits behind
+backoff. Nothing broken is cached: redis-py drops a connection that failed, and after a timeout cancelled a
+command half-way we drop the idle pooled connections too. The next command reconnects.
+
+Rate limits: concurrent `check_limits` calls of one event-loop tick are coalesced into one EVALSHA of
+`gcra.lua` (the arithmetic of `gateway.ratelimit`, with the server's clock). In a cluster a script may only
+touch one slot, so a request whose buckets span slots (a key's and a model's) is checked one slot group at a
+time, in the order its limits are listed, and a later group's denial refunds the earlier groups' charge.
+Between that charge and its refund (one round trip) the earlier buckets count one request too many, so a
+concurrent request there may be denied that an exact check would admit; nothing is ever over-admitted. A limit
+in a group after the denying one is not consulted at all (a denied key never touches a model's shared
+bucket); its verdict reads allowed, remaining 0, retry 0, reset 0. If the timeout strikes between charge and
+refund, the charge stays until the bucket drains: errs on the side of denying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import unquote
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+from redis.maint_notifications import MaintNotificationsConfig
+
+from gateway.ratelimit import Limit, Verdict, check_all
+from gateway.store.base import KeyRecord, Revoked, StoreUnavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Decision = tuple[bool, list[Verdict]]
+
+CHANNEL = "gw:keys"  # carries the old secret hash of a changed or deleted key
+KEYS_BY_NAME = "gw:{keys}:by_name"  # name -> record JSON
+KEYS_BY_HASH = "gw:{keys}:by_hash"  # secret hash -> record JSON; same slot, so both change in one script
+HEARTBEATS = "gw:{hb}:processes"  # process id, scored by when its heartbeat expires
+
+
+@dataclasses.dataclass(frozen=True)
+class _Script:
+    source: str
+
+    @functools.cached_property
+    def sha(self) -> str:
+        return hashlib.sha1(self.source.encode()).hexdigest()
+
+
+GCRA = _Script((Path(__file__).parent / "gcra.lua").read_text())
+
+# Give back one interval per charged bucket (KEYS may repeat). A TAT below `now` means "full", so taking an
+# interval off one that was charged from empty is exact too.
+REFUND = _Script("""
+for i, key in ipairs(KEYS) do
+  local tat = redis.call('GET', key)
+  if tat then
+    redis.call('SET', key, string.format('%.17g', tonumber(tat) - tonumber(ARGV[i])), 'KEEPTTL')
+  end
+end""")
+
+PUT_KEY = _Script("""
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then redis.call('HDEL', KEYS[2], cjson.decode(old).secret_hash) end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+if old then redis.call('PUBLISH', ARGV[4], cjson.decode(old).secret_hash) end
+return old""")
+
+DELETE_KEY = _Script("""
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old then return false end
+local secret_hash = cjson.decode(old).secret_hash
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], secret_hash)
+redis.call('PUBLISH', ARGV[2], secret_hash)
+return old""")
+
+HEARTBEAT = _Script("""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.17g', now))
+redis.call('ZADD', KEYS[1], string.format('%.17g', now + tonumber(ARGV[2])), ARGV[1])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], string.format('%d', math.ceil(tonumber(last[2]) * 1000) + 1))
+return redis.call('ZCARD', KEYS[1])""")
+
+
+@functools.lru_cache(maxsize=65536)
+def bucket_key(bucket: str) -> str:
+    """The Redis key of a bucket. The hash tag puts a key's own buckets ("key:N", "key:N:model:M") in one
+    slot and a model's ("model:M...") in another; any other bucket (e.g. by client address) gets its own."""
+    kind, _, rest = bucket.partition(":")
+    if kind == "key":
+        tag = "k:" + rest.split(":model:", 1)[0]
+    elif kind == "model":
+        tag = "m:" + rest.split(":", 1)[0]
+    else:
+        tag = "b:" + bucket
+    return f"gw:{{{tag}}}:rl:{bucket}"
+
+
+def _split_hosts(url: str, default_port: int) -> tuple[str | None, str | None, list[tuple[str, int]], str]:
+    """(username, password, [(host, port)...], path) of a URL listing several hosts."""
+    netloc, _, path = url.partition("://")[2].partition("/")
+    userinfo, _, hosts = netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    nodes = []
+    for item in hosts.split(","):
+        host, colon, port = item.rpartition(":")
+        if not colon or "]" in port:  # no port given (or a bare IPv6 address)
+            host, port = item, str(default_port)
+        nodes.append((host.strip("[]"), int(port)))
+    return unquote(username) or None, unquote(password) or None, nodes, path
+
+
+def _dump(record: KeyRecord) -> str:
+    return json.dumps(dataclasses.asdict(record), separators=(",", ":"))
+
+
+def _load(raw: str) -> KeyRecord:
+    known = {f.name for f in dataclasses.fields(KeyRecord)}  # ignore fields a newer gateway may add
+    data = {name: value for name, value in json.loads(raw).items() if name in known}
+    data["models"] = tuple(data.get("models", ()))
+    return KeyRecord(**data)
+
+
+class RedisStore:
+    def __init__(self, url: str, timeout: float = 0.25) -> None:
+        self.url = url
+        self._timeout = timeout
+        self._where = url.split("://")[0] + "://" + url.split("://")[-1].rpartition("@")[2]  # no password
+        self._pending: list[tuple[Sequence[Sequence[Limit]], asyncio.Future[list[Decision]]]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        options: dict[str, Any] = dict(
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),  # fail fast; callers decide (fail_open / fail_closed)
+            decode_responses=True,
+            # Off, or redis-py 8 skips its check for pooled connections the server has closed, and the
+            # first command on each of them after a Redis restart fails.
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
+        )
+        scheme = url.partition("://")[0].lower()
+        self._cluster: RedisCluster | None = None
+        self._sentinel: Sentinel | None = None
+        self._new_client: Callable[[int], Redis]  # a fresh plain client (the n-th try), for subscriptions
+        if scheme == "redis+cluster":
+            username, password, nodes, _ = _split_hosts(url, 6379)
+            options |= dict(username=username, password=password)
+            # Retries here let the cluster client refresh its slot map after a failover; still time-bounded.
+            self._cluster = RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+                **(options | dict(retry=Retry(NoBackoff(), 2))),
+            )
+            # PUBLISH reaches every node of a cluster, so subscribing to any one of them is enough.
+            self._new_client = lambda n: Redis(
+                host=nodes[n % len(nodes)][0], port=nodes[n % len(nodes)][1], **options
+            )
+        elif scheme == "redis+sentinel":
+            username, password, nodes, path = _split_hosts(url, 26379)
+            service, _, db = path.strip("/").partition("/")
+            sentinel_options = {k: v for k, v in options.items() if k != "decode_responses"}
+            self._sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
+            sentinel = self._sentinel
+            options |= dict(username=username, password=password, db=int(db or 0))
+            self._new_client = lambda n: sentinel.master_for(service, **options)
+        elif scheme in ("redis", "rediss"):
+            self._new_client = lambda n: Redis.from_url(url, **options)
+        else:
+            raise ValueError(f"not a Redis URL: {self._where}")
+        self._client: Redis | RedisCluster = self._cluster or self._new_client(0)
+
+    # ---- rate limits ----
+
+    async def check_limits(self, requests: Sequence[Sequence[Limit]]) -> list[Decision]:
+        if not requests:
+            return []
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Decision]] = loop.create_future()
+        if not self._pending:  # the first call of this tick schedules the flush; later ones ride along
+            loop.call_soon(self._flush)
+        self._pending.append((requests, future))
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if batch:
+            self._spawn(self._decide_batch(batch))
+
+    async def _decide_batch(
+        self, batch: list[tuple[Sequence[Sequence[Limit]], asyncio.Future[list[Decision]]]]
+    ) -> None:
+        flat = [limits for requests, _ in batch for limits in requests]
+        try:
+            decisions = await self._guard("check_limits", self._decide(flat))
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:  # every caller must hear back, whatever went wrong
+            for _, future in batch:
+                if not future.done():
+                    own = StoreUnavailable(*exc.args) if isinstance(exc, StoreUnavailable) else exc
+                    future.set_exception(own)
+            return
+        start = 0
+        for requests, future in batch:
+            if not future.done():  # its caller may have given up
+                future.set_result(decisions[start : start + len(requests)])
+            start += len(requests)
+
+    async def _decide(self, flat: list[Sequence[Limit]]) -> list[Decision]:
+        verdicts: list[list[Verdict | None]] = [[None] * len(limits) for limits in flat]
+        admitted = [True] * len(flat)
+        charged: list[list[Limit]] = [[] for _ in flat]
+        plans = [self._slot_groups(limits) for limits in flat]  # one group outside a cluster
+        for phase in range(max(map(len, plans), default=0)):
+            by_slot: dict[int, list[tuple[int, list[int]]]] = {}  # slot -> (request, limit indexes)
+            for r, groups in enumerate(plans):
+                if admitted[r] and phase < len(groups):
+                    slot = self._slot(flat[r][groups[phase][0]].bucket)
+                    by_slot.setdefault(slot, []).append((r, groups[phase]))
+            pieces = list(by_slot.values())
+            calls = (self._gcra([[flat[r][i] for i in group] for r, group in piece]) for piece in pieces)
+            for piece, replies in zip(pieces, await asyncio.gather(*calls), strict=True):
+                for (r, group), (ok, group_verdicts) in zip(piece, replies, strict=True):
+                    for i, verdict in zip(group, group_verdicts, strict=True):
+                        verdicts[r][i] = verdict
+                    if ok:
+                        charged[r] += [flat[r][i] for i in group]
+                    else:
+                        admitted[r] = False
+        refunds = [limit for r, limits in enumerate(charged) if not admitted[r] for limit in limits]
+        if refunds:
+            await self._refund(refunds)
+        unconsulted = Verdict(True, 0, 0.0, 0.0)
+        return [(ok, [v or unconsulted for v in vs]) for ok, vs in zip(admitted, verdicts, strict=True)]
+
+    def _slot(self, bucket: str) -> int:
+        return key_slot(bucket_key(bucket).encode()) if self._cluster else 0
+
+    def _slot_groups(self, limits: Sequence[Limit]) -> list[list[int]]:
+        """Indexes of `limits` grouped by slot, groups in order of their first limit."""
+        groups: dict[int, list[int]] = {}
+        for i, limit in enumerate(limits):
+            groups.setdefault(self._slot(limit.bucket), []).append(i)
+        return list(groups.values())
+
+    async def _gcra(self, requests: list[list[Limit]]) -> list[Decision]:
+        """One script call deciding `requests` (all their buckets in one slot), in order."""
+        keys: dict[str, int] = {}
+        args: list[str | int] = [len(requests)]
+        for limits in requests:
+            args.append(len(limits))
+            for limit in limits:
+                index = keys.setdefault(bucket_key(limit.bucket), len(keys) + 1)
+                args += [index, repr(float(limit.rate)), limit.burst]
+        reply = await self._eval(GCRA, list(keys), args)
+        now, pos, decisions = float(reply[0]), 1, []
+        for limits in requests:
+            tats = [float(tat) for tat in reply[pos + 1 : pos + 1 + len(limits)]]
+            # Same arithmetic as the script, on the same numbers: the verdicts are what it decided.
+            _, _, verdicts = check_all(tats, now, limits)
+            decisions.append((reply[pos] == 1, verdicts))
+            pos += 1 + len(limits)
+        return decisions
+
+    async def _refund(self, limits: list[Limit]) -> None:
+        by_slot: dict[int, list[Limit]] = {}
+        for limit in limits:
+            by_slot.setdefault(self._slot(limit.bucket), []).append(limit)
+        await asyncio.gather(
+            *(
+                self._eval(REFUND, [bucket_key(x.bucket) for x in group], [repr(1.0 / x.rate) for x in group])
+                for group in by_slot.values()
+            )
+        )
+
+    # ---- keys ----
+
+    async def get_key(self, secret_hash: str) -> KeyRecord | None:
+        raw = await self._guard("get_key", self._client.execute_command("HGET", KEYS_BY_HASH, secret_hash))
+        return _load(raw) if raw else None
+
+    async def put_key(self, record: KeyRecord) -> None:
+        args = [record.name, record.secret_hash, _dump(record), CHANNEL]
+        await self._guard("put_key", self._eval(PUT_KEY, [KEYS_BY_NAME, KEYS_BY_HASH], args))
+
+    async def list_keys(self) -> list[KeyRecord]:
+        raws = await self._guard("list_keys", self._client.execute_command("HVALS", KEYS_BY_NAME))
+        return sorted((_load(raw) for raw in raws), key=lambda k: k.name)
+
+    async def delete_key(self, name: str) -> KeyRecord | None:
+        raw = await self._guard(
+            "delete_key", self._eval(DELETE_KEY, [KEYS_BY_NAME, KEYS_BY_HASH], [name, CHANNEL])
+        )
+        return _load(raw) if raw else None
+
+    async def watch_keys(self, on_change: Revoked) -> Callable[[], Awaitable[None]]:
+        """Subscribes in the background; returns once subscribed or after a first failed try (it keeps
+        trying, and says "*" once it gets through, since messages may have been missed)."""
+        ready = asyncio.Event()
+        task = self._spawn(self._watch(on_change, ready))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ready.wait(), 4 * self._timeout)
+
+        async def stop() -> None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        return stop
+
+    async def _watch(self, on_change: Revoked, ready: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        missed, tries = False, 0
+        while True:
+            # A fresh client each time: redis-py would otherwise resubscribe silently and hide the gap.
+            client = self._new_client(tries)
+            pubsub = client.pubsub()
+            try:
+                await asyncio.wait_for(self._subscribe(pubsub), self._timeout)
+                if missed:
+                    log.warning("store: key notifications restored (%s)", self._where)
+                    self._notify(on_change, "*")
+                missed, tries = False, 0
+                ready.set()
+                heard = loop.time()
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        heard = loop.time()
+                        if message["type"] == "message":
+                            self._notify(on_change, message["data"])
+                    elif loop.time() - heard > 3.0:  # a silent peer (partition, hung server): start over
+                        raise RedisConnectionError("no answer to PING for 3 s")
+                    else:
+                        await pubsub.ping()
+            except (RedisError, OSError) as exc:
+                if not missed:
+                    log.warning("store: key notifications lost (%s): %s", self._where, exc)
+                missed, tries = True, tries + 1
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(pubsub.aclose(), self._timeout)  # type: ignore[no-untyped-call]
+                    await asyncio.wait_for(client.aclose(), self._timeout)
+            ready.set()
+            await asyncio.sleep(min(0.05 * 2**tries, 0.5))  # revocation must get through within ~1 s
+
+    @staticmethod
+    async def _subscribe(pubsub: Any) -> None:
+        await pubsub.subscribe(CHANNEL)
+        while (message := await pubsub.get_message(timeout=1.0)) is None or message["type"] != "subscribe":
+            pass
+
+    @staticmethod
+    def _notify(on_change: Revoked, secret_hash: str) -> None:
+        try:
+            on_change(secret_hash)
+        except Exception:
+            log.exception("store: key change callback failed")
+
+    # ---- processes, health ----
+
+    async def heartbeat(self, process_id: str, ttl: float) -> int:
+        return int(
+            await self._guard("heartbeat", self._eval(HEARTBEAT, [HEARTBEATS], [process_id, repr(ttl)]))
+        )
+
+    async def ping(self) -> float:
+        start = time.perf_counter()
+        await self._guard("ping", self._client.execute_command("PING"))
+        return time.perf_counter() - start
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for _, future in self._pending:
+            if not future.done():
+                future.set_exception(StoreUnavailable("store closed"))
+        self._pending = []
+        await self._client.aclose()
+        for client in self._sentinel.sentinels if self._sentinel else []:
+            await client.aclose()
+
+    # ---- plumbing ----
+
+    async def _eval(self, script: _Script, keys: list[str], args: Sequence[str | int]) -> Any:
+        try:
+            return await self._client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:  # first use on this server, or it restarted: EVAL runs it and caches it
+            return await self._client.execute_command("EVAL", script.source, len(keys), *keys, *args)
+
+    async def _guard(self, what: str, operation: Coroutine[Any, Any, T]) -> T:
+        """Run one store operation under the timeout; every failure becomes StoreUnavailable."""
+        try:
+            return await asyncio.wait_for(operation, self._timeout)
+        except TimeoutError:
+            await self._drop_idle_connections()
+            ms = self._timeout * 1000
+            raise StoreUnavailable(f"Redis {self._where}: no answer to {what} within {ms:.0f} ms") from None
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis {self._where}: {what} failed: {exc}") from exc
+
+    async def _drop_idle_connections(self) -> None:
+        """A command cancelled by the timeout may have left a pooled connection half set up (say, between
+        connect and AUTH); redis-py would hand it out again. Dropping idle connections is cheap."""
+        with contextlib.suppress(Exception):
+            if self._cluster is not None:
+                for node in self._cluster.get_nodes():
+                    await node.disconnect_free_connections()
+            else:
+                assert isinstance(self._client, Redis)
+                await self._client.connection_pool.disconnect(inuse_connections=False)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)  # a reference, so the task is not garbage-collected mid-flight
+        task.add_done_callback(self._tasks.discard)
+        return task
