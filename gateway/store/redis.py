@@ -4,7 +4,7 @@ URLs: `redis://[:password@]host:port/db`, `rediss://...` (TLS), `redis+sentinel:
 /service[/db]` (the password is the master's) and `redis+cluster://[:password@]host:port[,...]`.
 
 Failure is quick and explicit: every operation is bounded by `timeout` (socket timeouts plus an overall
-`asyncio.wait_for`) and raises `StoreUnavailable`; redis-py's own retries are off, so nothing waits behind
+`asyncio.timeout`) and raises `StoreUnavailable`; redis-py's own retries are off, so nothing waits behind
 backoff. Nothing broken is cached: redis-py drops a connection that failed, and after a timeout cancelled a
 command half-way we drop the idle pooled connections too. The next command reconnects.
 
@@ -148,7 +148,9 @@ class RedisStore:
     def __init__(self, url: str, timeout: float = 0.25) -> None:
         self.url = url
         self._timeout = timeout
-        self._where = url.split("://")[0] + "://" + url.split("://")[-1].rpartition("@")[2]  # no password
+        scheme, _, rest = url.partition("://")
+        netloc, slash, path = rest.partition("/")
+        self._where = f"{scheme}://{netloc.rpartition('@')[2]}{slash}{path}"  # for messages: no password
         self._pending: list[tuple[Sequence[Sequence[Limit]], asyncio.Future[list[Decision]]]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         options: dict[str, Any] = dict(
@@ -160,7 +162,7 @@ class RedisStore:
             # first command on each of them after a Redis restart fails.
             maint_notifications_config=MaintNotificationsConfig(enabled=False),
         )
-        scheme = url.partition("://")[0].lower()
+        scheme = scheme.lower()
         self._cluster: RedisCluster | None = None
         self._sentinel: Sentinel | None = None
         self._new_client: Callable[[int], Redis]  # a fresh plain client (the n-th try), for subscriptions
@@ -235,14 +237,14 @@ class RedisStore:
         charged: list[list[Limit]] = [[] for _ in flat]
         plans = [self._slot_groups(limits) for limits in flat]  # one group outside a cluster
         for phase in range(max(map(len, plans), default=0)):
-            by_slot: dict[int, list[tuple[int, list[int]]]] = {}  # slot -> (request, limit indexes)
+            by_slot: dict[int, list[tuple[int, list[int]]]] = {}  # slot -> [(request, limit indexes)]
             for r, groups in enumerate(plans):
                 if admitted[r] and phase < len(groups):
-                    slot = self._slot(flat[r][groups[phase][0]].bucket)
-                    by_slot.setdefault(slot, []).append((r, groups[phase]))
+                    slot, indexes = groups[phase]
+                    by_slot.setdefault(slot, []).append((r, indexes))
             pieces = list(by_slot.values())
-            calls = (self._gcra([[flat[r][i] for i in group] for r, group in piece]) for piece in pieces)
-            for piece, replies in zip(pieces, await asyncio.gather(*calls), strict=True):
+            calls = [self._gcra([[flat[r][i] for i in group] for r, group in piece]) for piece in pieces]
+            for piece, replies in zip(pieces, await self._each(calls), strict=True):
                 for (r, group), (ok, group_verdicts) in zip(piece, replies, strict=True):
                     for i, verdict in zip(group, group_verdicts, strict=True):
                         verdicts[r][i] = verdict
@@ -259,12 +261,17 @@ class RedisStore:
     def _slot(self, bucket: str) -> int:
         return key_slot(bucket_key(bucket).encode()) if self._cluster else 0
 
-    def _slot_groups(self, limits: Sequence[Limit]) -> list[list[int]]:
-        """Indexes of `limits` grouped by slot, groups in order of their first limit."""
+    def _slot_groups(self, limits: Sequence[Limit]) -> list[tuple[int, list[int]]]:
+        """(slot, indexes of `limits` in it), in the order of each group's first limit."""
         groups: dict[int, list[int]] = {}
         for i, limit in enumerate(limits):
             groups.setdefault(self._slot(limit.bucket), []).append(i)
-        return list(groups.values())
+        return list(groups.items())
+
+    @staticmethod
+    async def _each(calls: list[Coroutine[Any, Any, T]]) -> list[T]:
+        """Await calls concurrently (one per slot); a lone call (always, outside a cluster) without a task."""
+        return [await calls[0]] if len(calls) == 1 else list(await asyncio.gather(*calls))
 
     async def _gcra(self, requests: list[list[Limit]]) -> list[Decision]:
         """One script call deciding `requests` (all their buckets in one slot), in order."""
@@ -289,12 +296,10 @@ class RedisStore:
         by_slot: dict[int, list[Limit]] = {}
         for limit in limits:
             by_slot.setdefault(self._slot(limit.bucket), []).append(limit)
-        await asyncio.gather(
-            *(
-                self._eval(REFUND, [bucket_key(x.bucket) for x in group], [repr(1.0 / x.rate) for x in group])
-                for group in by_slot.values()
-            )
-        )
+        keys_and_intervals = [
+            ([bucket_key(x.bucket) for x in g], [repr(1.0 / x.rate) for x in g]) for g in by_slot.values()
+        ]
+        await self._each([self._eval(REFUND, keys, intervals) for keys, intervals in keys_and_intervals])
 
     # ---- keys ----
 
@@ -414,7 +419,8 @@ class RedisStore:
     async def _guard(self, what: str, operation: Coroutine[Any, Any, T]) -> T:
         """Run one store operation under the timeout; every failure becomes StoreUnavailable."""
         try:
-            return await asyncio.wait_for(operation, self._timeout)
+            async with asyncio.timeout(self._timeout):  # like wait_for, without a task of its own
+                return await operation
         except TimeoutError:
             await self._drop_idle_connections()
             ms = self._timeout * 1000
