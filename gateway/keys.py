@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from gateway import config_units
-from gateway.store.base import KeyRecord, Store
+from gateway.store.base import KeyRecord, Store, StoreUnavailable
 
 SECRET_PREFIX = "gwk_"  # makes leaked keys easy to spot (and to scan for) in code and logs
 MAX_SECRET_LENGTH = 256  # ours are 47 characters; anything far longer is not a key of ours
@@ -253,6 +253,7 @@ class KeyCache:
         self._clock = clock
         # hash -> (record or None, monotonic time it goes stale); insertion order is age order.
         self._entries: dict[str, tuple[KeyRecord | None, float]] = {}
+        self._stale: dict[str, KeyRecord] = {}  # expired records, for when the store is unreachable
         self._inflight: dict[str, asyncio.Task[KeyRecord | None]] = {}
         self._generation = 0  # bumped by every invalidation, to spot answers that may predate one
         self._stop_watch: Callable[[], Awaitable[None]] | None = None
@@ -277,6 +278,10 @@ class KeyCache:
             return MISSING
         if self._clock() >= entry[1]:
             del self._entries[secret_hash]
+            if entry[0] is not None:
+                self._stale[secret_hash] = entry[0]
+                while len(self._stale) > self.max_entries:
+                    del self._stale[next(iter(self._stale))]
             return MISSING
         return entry[0]
 
@@ -300,8 +305,16 @@ class KeyCache:
         self.store_lookups += 1
         try:
             record = await self.store.get_key(secret_hash)
+        except StoreUnavailable:
+            # While the store is down, a key that was valid a moment ago stays valid: serving it is
+            # what fail_open means for keys. It is not cached again, so the store is asked next time.
+            stale = self._stale.get(secret_hash)
+            if stale is not None:
+                return stale
+            raise
         finally:
             del self._inflight[secret_hash]
+        self._stale.pop(secret_hash, None)
         if generation == self._generation:
             self._remember(secret_hash, record)
         return record
@@ -320,9 +333,12 @@ class KeyCache:
         """Forget one hash, or everything for "*"; what the store's change notices call."""
         self._generation += 1
         if secret_hash == ALL_KEYS:
+            # Stale entries survive a blanket flush (sent after a reconnect, when notices may be lost):
+            # they are only ever used while the store cannot be asked.
             self._entries.clear()
         else:
             self._entries.pop(secret_hash, None)
+            self._stale.pop(secret_hash, None)  # a revocation notice: never serve this one again
 
     def __len__(self) -> int:
         return len(self._entries)

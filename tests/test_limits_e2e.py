@@ -169,8 +169,12 @@ def test_rate_limit_is_exact_on_a_redis_cluster(triton: TritonFleet) -> None:
         cluster.cleanup()
 
 
+# Persistent, as production Redis is: the keys must still be there after the restart.
+PERSISTENT = ("--appendonly", "yes", "--appendfsync", "always")
+
+
 def test_redis_down_fail_closed_answers_503_fast_then_recovers(triton: TritonFleet) -> None:
-    server = RedisServer().start()
+    server = RedisServer(args=PERSISTENT).start()
     try:
         with gateway(routes(triton, server.url), workers=2) as process:
             secret = create_key(process, "steady", rate="100/s", burst=10)
@@ -189,10 +193,12 @@ def test_redis_down_fail_closed_answers_503_fast_then_recovers(triton: TritonFle
 
 
 def test_redis_down_fail_open_serves_each_worker_its_share(triton: TritonFleet) -> None:
-    server = RedisServer().start()
+    server = RedisServer(args=PERSISTENT).start()
     try:
         with gateway(routes(triton, server.url, on_error="fail_open"), workers=2) as process:
             secret = create_key(process, "open", rate="100/s", burst=10)
+            for _ in range(10):  # both workers have now seen (and cached) the key
+                assert call(process.port, secret)[0] == 200
             time.sleep(2.5)  # heartbeats: each worker learns there are 2 processes
             server.stop()
             assert wait_until(lambda: call(process.port, secret)[0] in (200, 429), 5) is not None
