@@ -208,3 +208,37 @@ def test_redis_down_fail_open_serves_each_worker_its_share(triton: TritonFleet) 
             assert 70 <= rate <= 130, (rate, hammer.statuses)  # 2 workers x 50/s, give or take bursts
     finally:
         server.cleanup()
+
+
+def test_anonymous_callers_are_limited_by_address_and_counted_in_metrics(triton: TritonFleet) -> None:
+    table = routes(triton, "memory://").replace(
+        "keys: {required: true}", "keys: {required: false, default_limit: {rate: 1/s, burst: 3}}"
+    )
+    with gateway(table) as process:
+        answers = [call(process.port, None) for _ in range(5)]
+        assert [status for status, _ in answers] == [200, 200, 200, 429, 429]
+        limited = answers[3][1]
+        assert limited["retry-after"] == "1"
+        assert limited["ratelimit-policy"] == '"client";q=3;w=3'
+        assert limited["ratelimit"] == '"client";r=0;t=3'
+        secret = create_key(process, "metered")  # no limit of its own: the default applies to it too
+        assert call(process.port, secret)[0] == 200
+
+        def counted() -> bool:
+            text = admin(process, "GET", "/metrics")[1]
+            return (
+                'gateway_admission_total{key="",model="fraud-detector",outcome="limited"} 2.0' in text
+                and 'gateway_admission_total{key="metered",model="fraud-detector",outcome="admitted"} 1.0'
+                in text
+            )
+
+        assert wait_until(counted, 5) is not None
+        assert secret not in admin(process, "GET", "/metrics")[1]
+
+
+def test_memory_store_refuses_several_workers_when_it_would_hold_shared_state(triton: TritonFleet) -> None:
+    process = GatewayProcess(routes(triton, "memory://"), workers=2)
+    with pytest.raises(RuntimeError) as refused:
+        process.start()
+    assert "would not be shared between the workers" in str(refused.value)
+    assert "Redis" in str(refused.value)
