@@ -156,9 +156,7 @@ def main() -> int:
             spread = f"[{min(ratios):.2f}..{max(ratios):.2f}]"
             print(f"ratio limited / plain:  {statistics.median(ratios):.2f} {spread}")
             per = statistics.median(per_request)
-            print(
-                f"Redis commands/request: {per:.3f} at {args.connections} connections (script-internal included)"
-            )
+            print(f"Redis commands/request: {per:.3f} at {args.connections} conns (incl. inside scripts)")
             print(f"Redis commandstats:     {redis_commands(redis_port)}")
         finally:
             sup.stop_all()
