@@ -13,6 +13,7 @@ fails loudly instead of skipping.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -52,6 +53,13 @@ def _is_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the test process dies without cleaning up (Linux; elsewhere a no-op).
+    Linux ties this to the thread that started the server: start servers from a long-lived thread."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def cli(port: int, *args: str, timeout: float = 5.0) -> str:
@@ -106,7 +114,9 @@ class RedisServer:
             command += ["--tls-cert-file", str(self.ca_file), "--tls-key-file", str(self.dir / "key.pem")]
         else:
             command += ["--port", str(self.port)]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
         self._wait_ready(timeout)
         return self
 
@@ -178,7 +188,7 @@ class RedisClusterNodes:
     def url(self) -> str:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
 
-    def start(self, timeout: float = 20.0) -> RedisClusterNodes:
+    def start(self, timeout: float = 30.0) -> RedisClusterNodes:
         try:
             for node in self.nodes:
                 node.start()
@@ -191,6 +201,7 @@ class RedisClusterNodes:
                 "--cluster-replicas",
                 "0",
                 "--cluster-yes",
+                timeout=timeout,  # it waits for the nodes to agree: seconds, longer on a busy machine
             )
             deadline = time.monotonic() + timeout
             while not all("cluster_state:ok" in cli(n.port, "CLUSTER", "INFO") for n in self.nodes):
@@ -233,7 +244,9 @@ class SentinelSetup:
             f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.master.port} 1\n"
             f"sentinel down-after-milliseconds {self.SERVICE} 5000\n"
         )
-        self.process = subprocess.Popen([REDIS_SERVER, str(conf), "--sentinel"], stdout=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [REDIS_SERVER, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(subprocess.SubprocessError):

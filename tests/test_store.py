@@ -332,16 +332,24 @@ async def test_outage_fails_fast_and_recovers() -> None:
             assert elapsed < 1.0, f"{what} took {elapsed:.2f}s with Redis {how}"
             assert server.url.split("/")[2] in str(raised.value), "the reason names the server"
 
-    async def all_work() -> None:
-        for operation in operations.values():
-            await operation()
+    async def all_work(when: str, copies: int = 1) -> None:
+        """Every operation succeeds (`copies` of each at once); a failure says when and which."""
+
+        async def attempt(what: str, operation: Callable[[], Awaitable[object]]) -> None:
+            started = time.monotonic()
+            try:
+                await operation()
+            except StoreUnavailable as exc:
+                pytest.fail(f"{when}: {what} failed after {time.monotonic() - started:.3f}s: {exc}")
+
+        await asyncio.gather(*(attempt(w, op) for _ in range(copies) for w, op in operations.items()))
 
     try:
-        await all_work()
+        await all_work("at first")
         server.freeze()  # hung: connections stay open, nothing answers
         await all_fail_fast("hung")
         server.thaw()
-        await all_work()
+        await all_work("after thaw")
 
         server.stop()  # down: connections refused
         await all_fail_fast("down")
@@ -351,7 +359,7 @@ async def test_outage_fails_fast_and_recovers() -> None:
         assert time.monotonic() - started < 1.5
 
         server.start()  # same port, empty: the same store objects work again
-        await all_work()
+        await all_work("after restart")
         assert await store.get_key(record.secret_hash) == record
         await eventually(lambda: "*" in changes and "*" in late, 3.0)
         await other.delete_key(record.name)  # and notifications flow again
@@ -359,11 +367,11 @@ async def test_outage_fails_fast_and_recovers() -> None:
         await stop_late()
 
         # A restart between two commands: the pooled connections the server closed are not handed out.
-        await asyncio.gather(*(operation() for _ in range(5) for operation in operations.values()))
+        await all_work("before a quick restart", copies=5)
         server.stop()
         await asyncio.sleep(0.1)
         server.start()
-        await asyncio.gather(*(operation() for _ in range(5) for operation in operations.values()))
+        await all_work("after a quick restart", copies=5)
     finally:
         await stop()
         await store.close()

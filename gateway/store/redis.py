@@ -3,20 +3,16 @@
 URLs: `redis://[:password@]host:port/db`, `rediss://...` (TLS), `redis+sentinel://[:password@]host:port[,...]
 /service[/db]` (the password is the master's) and `redis+cluster://[:password@]host:port[,...]`.
 
-Failure is quick and explicit: every operation is bounded by `timeout` (socket timeouts plus an overall
-`asyncio.timeout`) and raises `StoreUnavailable`; redis-py's own retries are off, so nothing waits behind
-backoff. Nothing broken is cached: redis-py drops a connection that failed, and after a timeout cancelled a
-command half-way we drop the idle pooled connections too. The next command reconnects.
+Failing fast: every operation is bounded by `timeout` (socket timeouts, an overall `asyncio.timeout`) and
+raises `StoreUnavailable`; redis-py's retries are off. redis-py drops a connection that failed; after a
+timeout cancelled a command half-way we drop idle pooled connections too, so nothing broken is reused.
 
-Rate limits: concurrent `check_limits` calls of one event-loop tick are coalesced into one EVALSHA of
-`gcra.lua` (the arithmetic of `gateway.ratelimit`, with the server's clock). In a cluster a script may only
-touch one slot, so a request whose buckets span slots (a key's and a model's) is checked one slot group at a
-time, in the order its limits are listed, and a later group's denial refunds the earlier groups' charge.
-Between that charge and its refund (one round trip) the earlier buckets count one request too many, so a
-concurrent request there may be denied that an exact check would admit; nothing is ever over-admitted. A limit
-in a group after the denying one is not consulted at all (a denied key never touches a model's shared
-bucket); its verdict reads allowed, remaining 0, retry 0, reset 0. If the timeout strikes between charge and
-refund, the charge stays until the bucket drains: errs on the side of denying.
+Rate limits: the `check_limits` calls of one event-loop tick share one EVALSHA of `gcra.lua`. A cluster
+script touches one slot only, so a request whose buckets span slots (a key's, a model's) is checked slot group
+by slot group, in the order its limits come, and a later group's denial refunds the earlier charges. Until
+that refund (one round trip later; never, if the timeout strikes first) the earlier buckets hold one request
+too many: a concurrent request may be denied, none is over-admitted. A limit after the denying group is not
+consulted (a denied key never touches its model's shared bucket): its verdict is (True, 0, 0.0, 0.0).
 """
 
 from __future__ import annotations
@@ -50,6 +46,9 @@ from gateway.store.base import KeyRecord, Revoked, StoreUnavailable
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Decision = tuple[bool, list[Verdict]]
+Pending = tuple[
+    Sequence[Sequence[Limit]], "asyncio.Future[list[Decision]]"
+]  # a caller's requests, its answer
 
 CHANNEL = "gw:keys"  # carries the old secret hash of a changed or deleted key
 KEYS_BY_NAME = "gw:{keys}:by_name"  # name -> record JSON
@@ -151,7 +150,7 @@ class RedisStore:
         scheme, _, rest = url.partition("://")
         netloc, slash, path = rest.partition("/")
         self._where = f"{scheme}://{netloc.rpartition('@')[2]}{slash}{path}"  # for messages: no password
-        self._pending: list[tuple[Sequence[Sequence[Limit]], asyncio.Future[list[Decision]]]] = []
+        self._pending: list[Pending] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         options: dict[str, Any] = dict(
             socket_timeout=timeout,
@@ -209,20 +208,17 @@ class RedisStore:
         if batch:
             self._spawn(self._decide_batch(batch))
 
-    async def _decide_batch(
-        self, batch: list[tuple[Sequence[Sequence[Limit]], asyncio.Future[list[Decision]]]]
-    ) -> None:
+    async def _decide_batch(self, batch: list[Pending]) -> None:
         flat = [limits for requests, _ in batch for limits in requests]
         try:
             decisions = await self._guard("check_limits", self._decide(flat))
-        except asyncio.CancelledError:
+        except (Exception, asyncio.CancelledError) as exc:  # every caller must hear back, whatever happened
+            if isinstance(exc, asyncio.CancelledError):  # only close() cancels this task
+                exc = StoreUnavailable(f"Redis {self._where}: store closed")
             for _, future in batch:
-                future.cancel()
-            raise
-        except Exception as exc:  # every caller must hear back, whatever went wrong
-            for _, future in batch:
+                # One exception each: one raised in many tasks would collect all their tracebacks.
+                own = StoreUnavailable(*exc.args) if isinstance(exc, StoreUnavailable) else exc
                 if not future.done():
-                    own = StoreUnavailable(*exc.args) if isinstance(exc, StoreUnavailable) else exc
                     future.set_exception(own)
             return
         start = 0
@@ -252,7 +248,10 @@ class RedisStore:
                         charged[r] += [flat[r][i] for i in group]
                     else:
                         admitted[r] = False
-        refunds = [limit for r, limits in enumerate(charged) if not admitted[r] for limit in limits]
+        # dict.fromkeys: a bucket listed twice in one request was charged once, so it is refunded once.
+        refunds = [
+            limit for r, limits in enumerate(charged) if not admitted[r] for limit in dict.fromkeys(limits)
+        ]
         if refunds:
             await self._refund(refunds)
         unconsulted = Verdict(True, 0, 0.0, 0.0)
@@ -360,13 +359,14 @@ class RedisStore:
                         raise RedisConnectionError("no answer to PING for 3 s")
                     else:
                         await pubsub.ping()
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # whatever it was, this loop must go on
                 if not missed:
                     log.warning("store: key notifications lost (%s): %s", self._where, exc)
                 missed, tries = True, tries + 1
             finally:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(pubsub.aclose(), self._timeout)  # type: ignore[no-untyped-call]
+                with contextlib.suppress(Exception):
                     await asyncio.wait_for(client.aclose(), self._timeout)
             ready.set()
             await asyncio.sleep(min(0.05 * 2**tries, 0.5))  # revocation must get through within ~1 s
