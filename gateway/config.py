@@ -67,7 +67,8 @@ ROLLOUT_KEYS = (
 )
 LIMIT_KEYS = ("rate", "burst")
 KEYS_KEYS = ("required", "default_limit")
-STORE_KEYS = ("url", "on_error")
+STORE_KEYS = ("url", "on_error", "timeout")
+STORE_TIMEOUT = 0.08  # seconds; the default of StoreConfig.timeout
 SERVER_KEYS = (
     "max_body_size",
     "max_header_size",
@@ -539,7 +540,10 @@ def _store(r: _Reader, entry: Entry | None) -> StoreConfig | None:
         return None
     url = r.optional(settings, "url", "url of store", units.store_url, "memory://")
     on_error = r.optional(settings, "on_error", "on_error of store", units.on_error, "fail_closed")
-    return None if url is None or on_error is None else StoreConfig(url, on_error)
+    timeout = r.optional(settings, "timeout", "timeout of store", units.duration, STORE_TIMEOUT)
+    if url is None or on_error is None or timeout is None:
+        return None
+    return StoreConfig(url, on_error, timeout)
 
 
 def _server(r: _Reader, entry: Entry | None) -> ServerSettings | None:

@@ -204,7 +204,7 @@ async def supervise(options: ServeOptions, worker_argv: list[str]) -> int:
         await start(index)
     plane = ControlPlane(options.config, state_dir, reload_all)
     table = plane.table()
-    store = open_store(table.store.url if table is not None else "memory://")
+    store = open_store(table.store.url, table.store.timeout) if table is not None else open_store("memory://")
     try:
         runner = await start_admin(plane, options, store)
     except (AdminRefused, OSError):

@@ -99,6 +99,9 @@ class KeysPolicy:
 class StoreConfig:
     url: str = "memory://"
     on_error: str = "fail_closed"  # or "fail_open"
+    # Per store call. Short: a request waiting on a hung store must still get its 503 within 100 ms,
+    # and a healthy Redis answers in well under a millisecond.
+    timeout: float = 0.08
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,7 +51,7 @@ class Worker:
         self.stats = Stats(enabled=options.stats)
         self.gateway = Gateway(table, self.loop, self.stats)
         # The store is opened once: a reload that changes store.url takes effect at the next restart.
-        self.store = store if store is not None else open_store(table.store.url)
+        self.store = store if store is not None else open_store(table.store.url, table.store.timeout)
         self.admission = Admission(self.store, table.store.on_error)
         self.gateway.admission = self.admission
         self.health = HealthChecker(self._apply_routing)

@@ -21,7 +21,13 @@ from tests.test_live_reload import BODY, wait_until
 INFER = "/v2/models/fraud-detector/versions/2.1.3/infer"
 
 
-def routes(triton: TritonFleet, store_url: str, on_error: str = "fail_closed", model_limit: str = "") -> str:
+def routes(
+    triton: TritonFleet,
+    store_url: str,
+    on_error: str = "fail_closed",
+    model_limit: str = "",
+    store_timeout: str = "500ms",
+) -> str:
     return f"""
 backends:
   triton-a: {{url: "{triton.v3.url}", timeout: 10s}}
@@ -34,7 +40,7 @@ models:
     versions:
       "1": {{backend: triton-a, target: fraud_detector/3}}
 keys: {{required: true}}
-store: {{url: "{store_url}", on_error: {on_error}}}
+store: {{url: "{store_url}", on_error: {on_error}, timeout: {store_timeout}}}
 """
 
 
@@ -66,6 +72,7 @@ class Hammer:
     secret: str
     seconds: float
     threads: int = 6
+    reconnect_every: int = 0  # >0: a new connection after this many requests, to reach every worker
     statuses: Counter[int] = field(default_factory=Counter)
     slow_refusals: list[float] = field(default_factory=list)  # 503s that took over 100 ms
     first: float = 0.0
@@ -87,7 +94,12 @@ class Hammer:
     def _loop(self, stop_at: float) -> None:
         headers = {"Authorization": f"Bearer {self.secret}"}
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        sent = 0
         while (now := time.monotonic()) < stop_at:
+            sent += 1
+            if self.reconnect_every and sent % self.reconnect_every == 0:
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
             try:
                 conn.request("POST", INFER, BODY, headers)
                 response = conn.getresponse()
@@ -176,7 +188,8 @@ PERSISTENT = ("--appendonly", "yes", "--appendfsync", "always")
 def test_redis_down_fail_closed_answers_503_fast_then_recovers(triton: TritonFleet) -> None:
     server = RedisServer(args=PERSISTENT).start()
     try:
-        with gateway(routes(triton, server.url), workers=2) as process:
+        # The default 80 ms store timeout: the 503s must come out within 100 ms.
+        with gateway(routes(triton, server.url, store_timeout="80ms"), workers=2) as process:
             secret = create_key(process, "steady", rate="100/s", burst=10)
             hammer = Hammer(process.port, secret, seconds=4, threads=3)
             hammer.run(during=lambda: (time.sleep(1.0), server.stop()))
@@ -202,7 +215,9 @@ def test_redis_down_fail_open_serves_each_worker_its_share(triton: TritonFleet) 
             time.sleep(2.5)  # heartbeats: each worker learns there are 2 processes
             server.stop()
             assert wait_until(lambda: call(process.port, secret)[0] in (200, 429), 5) is not None
-            hammer = Hammer(process.port, secret, seconds=5).run()
+            # Connections are spread over the workers by the kernel, one hash per connection: reconnect
+            # often, or all of them may land on one worker and see only its share.
+            hammer = Hammer(process.port, secret, seconds=5, reconnect_every=5).run()
             assert set(hammer.statuses) <= {200, 429}, hammer.statuses
             rate = hammer.statuses[200] / (hammer.last - hammer.first)
             assert 70 <= rate <= 130, (rate, hammer.statuses)  # 2 workers x 50/s, give or take bursts

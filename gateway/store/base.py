@@ -68,7 +68,7 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
-def open_store(url: str, timeout: float = 0.25) -> Store:
+def open_store(url: str, timeout: float = 0.08) -> Store:
     """The store for a URL: memory:// or redis://, rediss://, redis+sentinel://, redis+cluster://."""
     scheme = url.partition("://")[0].lower()
     if scheme == "memory":
