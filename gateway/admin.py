@@ -25,6 +25,7 @@ from aiohttp.typedefs import Handler, Middleware
 from gateway import metrics
 from gateway.admin_keys import add_key_routes
 from gateway.admin_openapi import OPENAPI
+from gateway.admin_rollouts import add_rollout_routes
 from gateway.controlplane import ControlPlane, OverrideError
 from gateway.store.base import Store
 
@@ -292,6 +293,7 @@ def build_admin_app(plane: ControlPlane, tokens: dict[str, str], store: Store) -
     router.add_put("/api/models/{model}/weights", api.set_weights)
     router.add_delete("/api/models/{model}/weights", api.clear_weights)
     add_key_routes(app, store, plane.state_dir)
+    add_rollout_routes(app, plane, store)
 
     async def start_sampling(app: web.Application) -> None:
         app[_SAMPLER] = asyncio.create_task(_sample_forever(plane), name="admin-sampler")

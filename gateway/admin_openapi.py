@@ -132,6 +132,13 @@ _SCHEMAS: dict[str, Any] = {
             "last_error": {"oneOf": [{"$ref": "#/components/schemas/ReloadEvent"}, {"type": "null"}]},
         },
     },
+    "RolloutsView": {
+        "type": "object",
+        "description": "rollouts: per model, its baseline, canary, steps, the stored record (state, weights, "
+        "history of decisions with their evidence) and whether the live weights differ from the file.",
+        "properties": {"rollouts": {"type": "object"}},
+    },
+    "Accepted": {"type": "object", "properties": {"accepted": {"type": "boolean"}}},
     "StoreView": {
         "type": "object",
         "description": "Per worker pid: store_url (password hidden), store_up, on_error, live_processes, "
@@ -280,6 +287,31 @@ OPENAPI: dict[str, Any] = {
         "/api/versions": _read("getVersions", "Versions with live stats", "VersionsView", "Per version"),
         "/api/reloads": _read("getReloads", "Reload history with errors", "ReloadsView", "Newest first"),
         "/api/backends": _read("getBackends", "Backend and version health", "BackendsView", "Per worker"),
+        "/api/rollouts": _read(
+            "getRollouts",
+            "Rollouts: state, weights, and the evidence behind every decision",
+            "RolloutsView",
+            "Per model with a rollout",
+        ),
+        "/api/rollouts/{model}/{action}": {
+            "post": {
+                "operationId": "actOnRollout",
+                "summary": "Pause, resume, promote now or roll back now; applied within a second",
+                "parameters": [
+                    {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {
+                        "name": "action",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"enum": ["pause", "resume", "promote", "rollback"]},
+                    },
+                ],
+                "responses": {
+                    "202": _json("Accepted", "The command is queued"),
+                    **_errors("401", "404", "500"),
+                },
+            }
+        },
         "/api/store": _read(
             "getStore",
             "Store health per worker",

@@ -109,7 +109,7 @@ class Admission:
         self.store_up = True
         self.live_processes = 1
         self._local = MemoryStore()  # fail_open's per-process buckets
-        self._process_id = f"{os.uname().nodename}:{os.getpid()}"
+        self.process_id = f"{os.uname().nodename}:{os.getpid()}"
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -212,7 +212,7 @@ class Admission:
     async def _beat(self) -> None:
         while True:
             try:
-                self.live_processes = await self.store.heartbeat(self._process_id, HEARTBEAT_TTL)
+                self.live_processes = await self.store.heartbeat(self.process_id, HEARTBEAT_TTL)
                 if not self.store_up:
                     log.info("store %s is back", redacted(self.store.url))
                 self.store_up = True

@@ -239,11 +239,7 @@ async def supervise(options: ServeOptions, worker_argv: list[str]) -> int:
 
 def not_yet_enforced(table: RouteTable) -> list[str]:
     """Settings the file may hold that this build accepts but does not act on yet."""
-    return [
-        f"model {model.name}: rollout is not automated yet; the split in the file applies"
-        for model in table.models.values()
-        if model.rollout is not None
-    ]
+    return []
 
 
 def shared_state_problem(table: RouteTable, workers: int) -> str | None:
@@ -251,11 +247,13 @@ def shared_state_problem(table: RouteTable, workers: int) -> str | None:
     if workers <= 1 or not table.store.url.startswith("memory:"):
         return None
     needs = table.keys.required or table.keys.default_limit is not None
-    needs = needs or any(model.limit is not None for model in table.models.values())
+    needs = needs or any(
+        model.limit is not None or model.rollout is not None for model in table.models.values()
+    )
     if not needs:
         return None
     return (
-        f"--workers {workers} with the memory store: API keys and rate limits would not be shared between "
+        f"--workers {workers} with the memory store: keys, limits and rollouts would not be shared between "
         "the workers; set store.url to a Redis URL (REDIS_URL=redis://127.0.0.1:6379/0) or use one worker"
     )
 

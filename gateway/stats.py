@@ -51,7 +51,7 @@ def outcome_of(status: int) -> Outcome:
 class VersionCounters:
     """Cumulative totals for one (model, version) in this process."""
 
-    __slots__ = ("buckets", "in_flight", "latency_sum", "outcomes", "statuses")
+    __slots__ = ("buckets", "consecutive_failures", "in_flight", "latency_sum", "outcomes", "statuses")
 
     def __init__(self) -> None:
         self.statuses = [0] * len(STATUS_CLASSES)  # responses sent to clients, by status class
@@ -59,12 +59,17 @@ class VersionCounters:
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # non-cumulative; the last one is +Inf
         self.latency_sum = 0.0
         self.in_flight = 0
+        self.consecutive_failures = 0  # the rollout's guardrail: a run of failures acts at once
 
     def record(self, status: int, outcome: Outcome, seconds: float) -> None:
         self.statuses[min(status // 100, 5) - 1] += 1
         self.outcomes[outcome] += 1
         self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
+        if outcome >= Outcome.SERVER_ERROR:
+            self.consecutive_failures += 1
+        elif outcome == Outcome.OK:
+            self.consecutive_failures = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,6 +78,7 @@ class VersionCounters:
             "buckets": self.buckets,
             "latency_sum": self.latency_sum,
             "in_flight": self.in_flight,
+            "consecutive_failures": self.consecutive_failures,
         }
 
 

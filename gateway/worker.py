@@ -24,8 +24,9 @@ from gateway.deadlines import Deadlines, resolution_for
 from gateway.health import HealthChecker
 from gateway.http_server import ClientConnection
 from gateway.proxy import Gateway
+from gateway.rollout.controller import RolloutController, Weights
 from gateway.stats import Stats
-from gateway.store import Store, open_store
+from gateway.store import Store, StoreUnavailable, open_store
 from gateway.table import RouteTable, model_digest
 from gateway.watch import FileWatcher
 
@@ -54,6 +55,10 @@ class Worker:
         self.store = store if store is not None else open_store(table.store.url, table.store.timeout)
         self.admission = Admission(self.store, table.store.on_error)
         self.gateway.admission = self.admission
+        self._rollout_weights: Weights = {}
+        self.rollouts = RolloutController(
+            self.store, self.admission.process_id, self.stats, self._version_ready, self._follow_rollouts
+        )
         self.health = HealthChecker(self._apply_routing)
         self.health.set_table(table)
         settings = table.server
@@ -86,6 +91,7 @@ class Worker:
         self._apply_routing()
         self.health.start()
         publisher = self.loop.create_task(self._publish_forever())
+        controller = self.loop.create_task(self._control_forever())
         await self._stop.wait()
 
         log.info("shutting down: %d open connection(s)", len(self.connections))
@@ -104,6 +110,7 @@ class Worker:
             )
         self._watcher.stop()
         publisher.cancel()
+        controller.cancel()
         self.publish()
         self.connections.close()
         await self.health.stop()
@@ -164,10 +171,36 @@ class Worker:
             }
         )
 
+    def _version_ready(self, model: str, version: str) -> bool:
+        health = self.health.versions.get((model, version))
+        return health is None or health.ready  # not checked yet is not evidence of anything
+
+    def _follow_rollouts(self, weights: Weights) -> None:
+        if weights != self._rollout_weights:
+            self._rollout_weights = weights
+            self._apply_routing()
+
+    async def _control_forever(self) -> None:
+        down = False
+        while True:
+            try:
+                await self.rollouts.tick(self.gateway.table)
+                down = False
+            except StoreUnavailable as exc:
+                if not down:
+                    log.error("rollout control paused, the store is unavailable: %s", exc)
+                down = True
+            except Exception:  # a bug in one round must not end rollout control for good
+                log.exception("rollout control round failed")
+            await asyncio.sleep(1.0)
+
     def _apply_routing(self) -> None:
-        """Re-derive every model's live weights from the table, the overrides and readiness."""
+        """Re-derive every model's live weights from the table, rollouts, operators' overrides and readiness.
+
+        An operator's override wins over a rollout's weights, which win over the file's split.
+        """
         table = self.gateway.table
-        overrides = {}
+        overrides = {name: w for name, w in self._rollout_weights.items() if name in table.models}
         for name, override in snapshots.read_overrides(self.options.state_dir).items():
             model = table.models.get(name)
             if model is not None and override.model_digest == model_digest(model):
@@ -201,6 +234,7 @@ class Worker:
             "mirrors": {"in_flight": gateway.mirrors_in_flight, "skipped": gateway.mirrors_skipped},
             "connections": len(self.connections),
             "admission": self._admission_snapshot(),
+            "rollouts": {"leader": self.rollouts.leader, "records": self.rollouts.records},
         }
 
     def _admission_snapshot(self) -> dict[str, Any]:

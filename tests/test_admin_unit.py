@@ -154,7 +154,7 @@ def served_routes(app: web.Application) -> set[tuple[str, str]]:
 
 
 def concrete(path: str) -> str:
-    return path.replace("{model}", FD).replace("{name}", "team-a")
+    return path.replace("{model}", FD).replace("{name}", "team-a").replace("{action}", "pause")
 
 
 # -- authentication ------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ async def test_every_route_refuses_without_a_valid_token(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     routes = served_routes(api.app) | {("GET", "/no/such/route")}
-    assert len(routes) == 18  # 17 served, and one that is not
+    assert len(routes) == 20  # 19 served, and one that is not
     wrong = ["", "Bearer", "Bearer ", "Bearer nope", f"Basic {ALICE}", f"Bearer {ALICE}x", ALICE]
     for method, path in sorted(routes):
         async with api.client.request(method, concrete(path)) as response:

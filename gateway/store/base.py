@@ -61,6 +61,24 @@ class Store(Protocol):
         """Say this process is alive for `ttl` seconds; returns how many processes are alive."""
         ...
 
+    async def put_stats(self, process_id: str, stats: dict[str, Any], ttl: float) -> None:
+        """Publish this process's cumulative per-version statistics, valid for `ttl` seconds."""
+        ...
+
+    async def get_stats(self) -> list[dict[str, Any]]:
+        """The latest statistics of every process that published within its ttl."""
+        ...
+
+    async def lease(self, name: str, holder: str, ttl: float) -> bool:
+        """Take or renew the lease `name` for `ttl` seconds; True if `holder` holds it now."""
+        ...
+
+    async def get_state(self, name: str) -> dict[str, Any] | None:
+        """A JSON document kept by name (rollout state)."""
+        ...
+
+    async def put_state(self, name: str, value: dict[str, Any]) -> None: ...
+
     async def ping(self) -> float:
         """Round-trip time in seconds; raises StoreUnavailable."""
         ...

@@ -3,8 +3,10 @@ several workers refuses it whenever it would hold shared state (keys or limits).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from gateway.ratelimit import Limit, Verdict, check_all
 from gateway.store.base import KeyRecord, Revoked
@@ -16,6 +18,9 @@ class MemoryStore:
         self._tats: dict[str, float] = {}
         self._keys: dict[str, KeyRecord] = {}  # by name
         self._watchers: list[Revoked] = []
+        self._stats: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._leases: dict[str, tuple[str, float]] = {}  # name -> (holder, expiry)
+        self._states: dict[str, str] = {}
 
     async def check_limits(self, requests: Sequence[Sequence[Limit]]) -> list[tuple[bool, list[Verdict]]]:
         now = time.time()
@@ -57,6 +62,28 @@ class MemoryStore:
 
     async def heartbeat(self, process_id: str, ttl: float) -> int:
         return 1
+
+    async def put_stats(self, process_id: str, stats: dict[str, Any], ttl: float) -> None:
+        self._stats[process_id] = (time.time() + ttl, stats)
+
+    async def get_stats(self) -> list[dict[str, Any]]:
+        now = time.time()
+        return [stats for expires, stats in self._stats.values() if expires > now]
+
+    async def lease(self, name: str, holder: str, ttl: float) -> bool:
+        now = time.time()
+        current = self._leases.get(name)
+        if current is None or current[1] <= now or current[0] == holder:
+            self._leases[name] = (holder, now + ttl)
+            return True
+        return False
+
+    async def get_state(self, name: str) -> dict[str, Any] | None:
+        value = self._states.get(name)
+        return json.loads(value) if value is not None else None
+
+    async def put_state(self, name: str, value: dict[str, Any]) -> None:
+        self._states[name] = json.dumps(value)  # a copy, as a real store would keep
 
     async def ping(self) -> float:
         return 0.0

@@ -54,6 +54,7 @@ CHANNEL = "gw:keys"  # carries the old secret hash of a changed or deleted key
 KEYS_BY_NAME = "gw:{keys}:by_name"  # name -> record JSON
 KEYS_BY_HASH = "gw:{keys}:by_hash"  # secret hash -> record JSON; same slot, so both change in one script
 HEARTBEATS = "gw:{hb}:processes"  # process id, scored by when its heartbeat expires
+STATS = "gw:{stats}:processes"  # process id -> {"expires", "stats"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +95,18 @@ redis.call('HDEL', KEYS[2], secret_hash)
 redis.call('PUBLISH', ARGV[2], secret_hash)
 return old""")
 
+# Take the lease if free, renew it if ours; one round trip, atomic (SET NX PX alone cannot renew).
+LEASE = _Script("""
+local holder = redis.call('GET', KEYS[1])
+if holder == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+elseif holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+""")
 HEARTBEAT = _Script("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -389,6 +402,42 @@ class RedisStore:
     async def heartbeat(self, process_id: str, ttl: float) -> int:
         return int(
             await self._guard("heartbeat", self._eval(HEARTBEAT, [HEARTBEATS], [process_id, repr(ttl)]))
+        )
+
+    # ---- statistics, leases, rollout state ----
+
+    async def put_stats(self, process_id: str, stats: dict[str, Any], ttl: float) -> None:
+        # One hash for all processes (one slot in a cluster); each value carries its own expiry time,
+        # and readers skip and remove the expired ones.
+        value = json.dumps({"expires": time.time() + ttl, "stats": stats})
+        await self._guard("put_stats", self._client.execute_command("HSET", STATS, process_id, value))
+
+    async def get_stats(self) -> list[dict[str, Any]]:
+        raw = await self._guard("get_stats", self._client.execute_command("HGETALL", STATS))
+        pairs = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
+        now, live, stale = time.time(), [], []
+        for process, value in pairs:
+            entry = json.loads(value)
+            if entry["expires"] > now:
+                live.append(entry["stats"])
+            else:
+                stale.append(process)
+        if stale:
+            await self._guard("get_stats", self._client.execute_command("HDEL", STATS, *stale))
+        return live
+
+    async def lease(self, name: str, holder: str, ttl: float) -> bool:
+        key = f"gw:{{lease}}:{name}"
+        held = await self._guard("lease", self._eval(LEASE, [key], [holder, int(ttl * 1000)]))
+        return bool(held)
+
+    async def get_state(self, name: str) -> dict[str, Any] | None:
+        value = await self._guard("get_state", self._client.execute_command("GET", f"gw:{{state}}:{name}"))
+        return json.loads(value) if value is not None else None
+
+    async def put_state(self, name: str, value: dict[str, Any]) -> None:
+        await self._guard(
+            "put_state", self._client.execute_command("SET", f"gw:{{state}}:{name}", json.dumps(value))
         )
 
     async def ping(self) -> float:
