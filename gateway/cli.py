@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from gateway import admin_cli, config, keys_cli, server
+from gateway import admin_cli, config, keys_cli, rollout_cli, server
 from gateway.table import RouteTable
 
 
@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     admin_cli.add_commands(commands)
     keys_cli.add_commands(commands)
+    rollout_cli.add_commands(commands)
     return parser
 
 

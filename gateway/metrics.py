@@ -78,6 +78,7 @@ class SnapshotCollector:
         yield from self._reloads()
         yield from self._health()
         yield from self._admission()
+        yield from self._rollouts()
         yield from self._process()
 
     # -- per version -------------------------------------------------------------------------------
@@ -191,6 +192,37 @@ class SnapshotCollector:
             if "admission" in worker:
                 up.add_metric([str(worker["pid"])], 1.0 if worker["admission"].get("store_up") else 0.0)
         yield up
+
+    def _rollouts(self) -> Iterator[Metric]:
+        weight = GaugeMetricFamily(
+            "gateway_rollout_canary_weight",
+            "The canary's weight in percent, as the rollout set it.",
+            labels=["model"],
+        )
+        phase = GaugeMetricFamily(
+            "gateway_rollout_phase", "1 for the phase each rollout is in.", labels=["model", "phase"]
+        )
+        decisions = GaugeMetricFamily(
+            "gateway_rollout_decisions",
+            "Decisions so far in the current rollout, by action.",
+            labels=["model", "action"],
+        )
+        newest: dict[str, dict[str, Any]] = {}
+        for worker in self.live:
+            for model, record in worker.get("rollouts", {}).get("records", {}).items():
+                if model not in newest or record.get("updated", 0) > newest[model].get("updated", 0):
+                    newest[model] = record
+        for model, record in sorted(newest.items()):
+            state = record.get("state", {})
+            weight.add_metric([model], float(state.get("weight", 0)))
+            for name in ("progressing", "paused", "promoted", "rolled_back"):
+                phase.add_metric([model, name], 1.0 if state.get("phase") == name else 0.0)
+            actions: dict[str, int] = {}
+            for event in record.get("history", []):
+                actions[event["action"]] = actions.get(event["action"], 0) + 1
+            for action, count in sorted(actions.items()):
+                decisions.add_metric([model, action], float(count))
+        yield from (weight, phase, decisions)
 
     # -- configuration -----------------------------------------------------------------------------
 

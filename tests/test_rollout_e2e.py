@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -102,7 +105,15 @@ def test_failing_canary_is_rolled_back_and_stays_rolled_back(
 def test_operator_can_pause_and_roll_back_by_hand(triton: TritonFleet, failing_canary: TritonProcess) -> None:
     with gateway(routes(triton, failing_canary, "memory://", steps="[50, 100]")) as process:
         assert wait_until(lambda: phase(process) == "progressing", 10) is not None
-        assert admin(process, "POST", "/api/rollouts/fraud-detector/pause")[0] == 202
+        env = {**os.environ, "GATEWAY_ADMIN_TOKEN": process.admin_token}
+        cli = [sys.executable, "-m", "gateway", "rollout"]
+        paused = subprocess.run(
+            [*cli, "pause", "fraud-detector", "--admin", process.admin_url],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert paused.returncode == 0, paused.stderr
         assert wait_until(lambda: phase(process) == "paused", 5) is not None
         assert admin(process, "POST", "/api/rollouts/fraud-detector/rollback")[0] == 202
         assert wait_until(lambda: phase(process) == "rolled_back", 5) is not None
@@ -113,3 +124,11 @@ def test_operator_can_pause_and_roll_back_by_hand(triton: TritonFleet, failing_c
         assert admin(process, "POST", "/api/rollouts/fraud-detector/explode")[0] == 404
         audit = [e["action"] for e in admin(process, "GET", "/api/audit")[1]["entries"]]
         assert audit == ["rollout.pause", "rollout.rollback"]
+        status = subprocess.run(
+            [*cli, "status", "--admin", process.admin_url], capture_output=True, text=True, env=env
+        )
+        assert "rolled_back at 0%" in status.stdout, status.stdout + status.stderr
+        metrics = lambda: admin(process, "GET", "/metrics")[1]  # noqa: E731
+        wanted = 'gateway_rollout_phase{model="fraud-detector",phase="rolled_back"} 1.0'
+        assert wait_until(lambda: wanted in metrics(), 5) is not None
+        assert 'gateway_rollout_canary_weight{model="fraud-detector"} 0.0' in metrics()
