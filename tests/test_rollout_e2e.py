@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -132,3 +133,54 @@ def test_operator_can_pause_and_roll_back_by_hand(triton: TritonFleet, failing_c
         wanted = 'gateway_rollout_phase{model="fraud-detector",phase="rolled_back"} 1.0'
         assert wait_until(lambda: wanted in metrics(), 5) is not None
         assert 'gateway_rollout_canary_weight{model="fraud-detector"} 0.0' in metrics()
+
+
+def leader_of(processes: list[GatewayProcess]) -> list[GatewayProcess]:
+    leaders = []
+    for process in processes:
+        for path in (process.directory / "state" / "workers").glob("*.json"):
+            try:
+                if json.loads(path.read_text())["rollouts"]["leader"]:
+                    leaders.append(process)
+            except (ValueError, KeyError):
+                continue
+    return leaders
+
+
+def test_one_process_decides_and_another_takes_over_when_it_dies(triton: TritonFleet) -> None:
+    redis = RedisServer().start()
+    healthy = f"""
+backends:
+  triton-a: {{url: "{triton.v3.url}", timeout: 10s}}
+  triton-b: {{url: "{triton.v4.url}", timeout: 10s}}
+models:
+  fraud-detector:
+    versions:
+      2.1.3: {{backend: triton-a, target: fraud_detector/3}}
+      2.2.0: {{backend: triton-b, target: fraud_detector/4}}
+    split: {{2.1.3: 100, 2.2.0: 0}}
+    rollout: {{baseline: 2.1.3, canary: 2.2.0, steps: [20, 50, 100]}}
+keys: {{required: false}}
+store: {{url: "{redis.url}", timeout: 500ms}}
+"""
+    try:
+        with gateway(healthy) as first, gateway(healthy) as second:
+            assert wait_until(lambda: len(leader_of([first, second])) == 1, 10) is not None
+            time.sleep(2)
+            assert len(leader_of([first, second])) == 1  # still exactly one, tick after tick
+            [leader] = leader_of([first, second])
+            follower = second if leader is first else first
+            before = rollout(follower)["record"]
+            assert leader.process is not None
+            leader.process.kill()  # no goodbye: the lease must expire
+            leader.process.wait()
+            killed_at = time.monotonic()
+            assert wait_until(lambda: leader_of([follower]) == [follower], 10) is not None
+            assert time.monotonic() - killed_at < 6.0  # lease TTL 3 s plus a tick or two
+            after = rollout(follower)["record"]
+            starts = [e for e in after["history"] if e["action"] == "start"]  # type: ignore[index]
+            assert len(starts) == 1  # carried on from the stored state, not restarted
+            assert after["state"]["step"] == before["state"]["step"]  # type: ignore[index]
+            assert after["state"]["weight"] == before["state"]["weight"]  # type: ignore[index]
+    finally:
+        redis.cleanup()
