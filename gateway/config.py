@@ -64,6 +64,8 @@ ROLLOUT_KEYS = (
     "max_error_rate_increase",
     "max_latency_increase",
     "false_rollback_rate",
+    "min_step_duration",
+    "min_step_requests",
 )
 LIMIT_KEYS = ("rate", "burst")
 KEYS_KEYS = ("required", "default_limit")
@@ -474,6 +476,10 @@ def _rollout(r: _Reader, entry: Entry, names: _Names) -> Rollout | None:
     alpha = r.optional(
         settings, "false_rollback_rate", f"false_rollback_rate of {what}", units.false_rollback_rate, 0.01
     )
+    hold = r.optional(settings, "min_step_duration", f"min_step_duration of {what}", units.duration, 30.0)
+    requests = r.optional(
+        settings, "min_step_requests", f"min_step_requests of {what}", units.at_least_one, 200
+    )
     if (
         baseline is None
         or canary is None
@@ -481,9 +487,11 @@ def _rollout(r: _Reader, entry: Entry, names: _Names) -> Rollout | None:
         or errors is None
         or latency is None
         or alpha is None
+        or hold is None
+        or requests is None
     ):
         return None
-    return Rollout(baseline, canary, steps, errors, latency, alpha)
+    return Rollout(baseline, canary, steps, errors, latency, alpha, hold, requests)
 
 
 def _steps(r: _Reader, node: Node, what: str) -> tuple[int, ...] | None:

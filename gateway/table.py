@@ -66,6 +66,8 @@ class Rollout:
     max_error_rate_increase: float
     max_latency_increase: float  # a fraction: 0.2 means +20% on p95
     false_rollback_rate: float
+    min_step_duration: float = 30.0  # seconds a step is held before the canary may step up
+    min_step_requests: int = 200  # canary requests a step must see before it may step up
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from tests.redis_servers import RedisServer
 from tests.support import GatewayProcess, gateway
 from tests.test_admin_e2e import admin
 from tests.test_backend_health import unpinned
-from tests.test_live_reload import wait_until
+from tests.test_live_reload import Traffic, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +184,42 @@ store: {{url: "{redis.url}", timeout: 500ms}}
             assert after["state"]["weight"] == before["state"]["weight"]  # type: ignore[index]
     finally:
         redis.cleanup()
+
+
+def test_equally_good_canary_is_stepped_up_and_promoted(triton: TritonFleet) -> None:
+    table = f"""
+backends:
+  triton-a: {{url: "{triton.v3.url}", timeout: 10s}}
+  triton-b: {{url: "{triton.v4.url}", timeout: 10s}}
+models:
+  fraud-detector:
+    versions:
+      2.1.3: {{backend: triton-a, target: fraud_detector/3}}
+      2.2.0: {{backend: triton-b, target: fraud_detector/4}}
+    split: {{2.1.3: 100, 2.2.0: 0}}
+    rollout:
+      {{baseline: 2.1.3, canary: 2.2.0, steps: [50, 100], min_step_duration: 3s, min_step_requests: 50}}
+keys: {{required: false}}
+"""
+    with gateway(table) as process:
+        traffic = Traffic(process.port).start(threads=4)
+        started = time.monotonic()
+        try:
+            assert wait_until(lambda: phase(process) == "promoted", 120) is not None
+        finally:
+            traffic.finish()
+        took = time.monotonic() - started
+        history = rollout(process)["record"]["history"]  # type: ignore[index]
+        assert [(e["action"], e["weight"]) for e in history] == [
+            ("start", 50),
+            ("step_up", 100),
+            ("promote", 100),
+        ]
+        assert traffic.failures == []
+        time.sleep(1.5)
+        assert Counter(unpinned(process, 10)) == Counter(
+            {"200 2.2.0": 10}
+        )  # the canary holds the traffic now
+        differs = rollout(process)["differs_from_file"]
+        assert differs is True  # the file still says 100/0: the admin API shows the live state differs
+        print(f"\npromoted after {took:.1f} s and {sum(traffic.answered.values())} requests")

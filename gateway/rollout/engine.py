@@ -43,6 +43,7 @@ Phase = Literal["progressing", "paused", "promoted", "rolled_back"]
 Action = Literal["continue", "step_up", "promote", "rollback"]
 
 CONSECUTIVE_FAILURE_LIMIT = 20  # at 1% errors, 20 in a row happens once in 10^40 requests
+# Defaults of Rollout.min_step_duration and min_step_requests (routes.yaml may set them per rollout).
 MIN_STEP_SECONDS = 30.0  # a step is held at least this long before stepping up
 MIN_CANARY_REQUESTS = 200  # and serves at least this many canary requests
 FINISHED: tuple[Phase, ...] = ("promoted", "rolled_back")
@@ -217,12 +218,11 @@ class _Report:
     def waiting(self) -> list[str]:
         """Why the canary cannot step up yet (empty: it can)."""
         obs, shown, reasons = self.obs, self.shown, []
-        if obs.canary.requests < MIN_CANARY_REQUESTS:
-            reasons.append(
-                f"{obs.canary.requests} canary requests in this step, {MIN_CANARY_REQUESTS} needed"
-            )
-        if self.elapsed < MIN_STEP_SECONDS:
-            reasons.append(f"{self.elapsed:.0f} s into the step, {MIN_STEP_SECONDS:.0f} s needed")
+        needed, hold = self.config.min_step_requests, self.config.min_step_duration
+        if obs.canary.requests < needed:
+            reasons.append(f"{obs.canary.requests} canary requests in this step, {needed} needed")
+        if self.elapsed < hold:
+            reasons.append(f"{self.elapsed:.0f} s into the step, {hold:.0f} s needed")
         if self.state.weight >= 100:
             return reasons  # nothing left to compare with: holding the step is the test
         if not shown.errors:
@@ -343,8 +343,8 @@ class _Report:
                 "canary_tail_ucb": _num(shown.canary_tail_ucb),
                 "baseline_tail_lcb": _num(shown.baseline_tail_lcb),
                 "alpha_each": plan.step_alpha,
-                "min_canary_requests": MIN_CANARY_REQUESTS,
-                "min_step_seconds": MIN_STEP_SECONDS,
+                "min_canary_requests": self.config.min_step_requests,
+                "min_step_seconds": self.config.min_step_duration,
             },
             "guardrails": {
                 "canary_ready": obs.canary_ready,
