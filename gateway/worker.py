@@ -57,7 +57,12 @@ class Worker:
         self.gateway.admission = self.admission
         self._rollout_weights: Weights = {}
         self.rollouts = RolloutController(
-            self.store, self.admission.process_id, self.stats, self._version_ready, self._follow_rollouts
+            self.store,
+            self.admission.process_id,
+            self.stats,
+            self._version_ready,
+            self._follow_rollouts,
+            self._audit_rollout,
         )
         self.health = HealthChecker(self._apply_routing)
         self.health.set_table(table)
@@ -174,6 +179,13 @@ class Worker:
     def _version_ready(self, model: str, version: str) -> bool:
         health = self.health.versions.get((model, version))
         return health is None or health.ready  # not checked yet is not evidence of anything
+
+    def _audit_rollout(self, model: str, event: dict[str, Any]) -> None:
+        details = {"model": model, "weight": event["weight"]}
+        reason = event.get("evidence", {}).get("reason")
+        if reason:
+            details["reason"] = reason
+        snapshots.append_audit(self.options.state_dir, "controller", f"rollout.{event['action']}", details)
 
     def _follow_rollouts(self, weights: Weights) -> None:
         if weights != self._rollout_weights:

@@ -87,8 +87,8 @@ def test_failing_canary_is_rolled_back_and_stays_rolled_back(
             time.sleep(1.5)
             assert phase(process) == "rolled_back"
             assert set(unpinned(process, 20)) == {"200 2.1.3"}
-            audit = [e["action"] for e in admin(process, "GET", "/api/audit")[1]["entries"]]
-            assert audit == []  # the controller decided alone; no operator acted
+            audit = [(e["who"], e["action"]) for e in admin(process, "GET", "/api/audit")[1]["entries"]]
+            assert audit == [("controller", "rollout.start"), ("controller", "rollout.rollback")]
 
         with gateway(table) as restarted:  # a new gateway process, the same store
             assert phase(restarted) == "rolled_back"
@@ -123,7 +123,9 @@ def test_operator_can_pause_and_roll_back_by_hand(triton: TritonFleet, failing_c
         time.sleep(1.5)
         assert Counter(unpinned(process, 10)) == Counter({"200 2.1.3": 10})
         assert admin(process, "POST", "/api/rollouts/fraud-detector/explode")[0] == 404
-        audit = [e["action"] for e in admin(process, "GET", "/api/audit")[1]["entries"]]
+        audit = [
+            e["action"] for e in admin(process, "GET", "/api/audit")[1]["entries"] if e["who"] == "tester"
+        ]
         assert audit == ["rollout.pause", "rollout.rollback"]
         status = subprocess.run(
             [*cli, "status", "--admin", process.admin_url], capture_output=True, text=True, env=env

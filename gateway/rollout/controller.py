@@ -120,12 +120,14 @@ class RolloutController:
         stats: Stats,
         ready: Callable[[str, str], bool],
         on_weights: Callable[[Weights], None],
+        on_event: Callable[[str, dict[str, Any]], None] = lambda model, event: None,
     ) -> None:
         self.store = store
         self.process_id = process_id
         self.stats = stats
         self.ready = ready  # (model, version) -> does this process see it ready
         self.on_weights = on_weights
+        self.on_event = on_event  # every start and decision, for the audit log
         self.leader = False
         self.records: dict[str, dict[str, Any]] = {}
 
@@ -169,6 +171,7 @@ class RolloutController:
                 record["state"]["weight"],
             )
             await self.store.put_state(record_name(model.name), record)
+            self.on_event(model.name, record["history"][-1])
             return
         command = await self.store.get_state(command_name(model.name))
         if command is not None and command.get("id") != record.get("last_command"):
@@ -216,6 +219,7 @@ class RolloutController:
                 "evidence": decision.evidence,
             }
             record["history"] = [*record["history"], event][-HISTORY:]
+            self.on_event(model.name, event)
             log.warning(
                 "rollout of %s: %s to %d%%: %s",
                 model.name,
