@@ -159,24 +159,27 @@ def test_keys_missing_wrong_model_revoked_expired_and_limit_headers(
 
 def expect_exact(hammer: Hammer, rate: float, burst: int) -> None:
     admitted = hammer.statuses[200]
-    expected = rate * (hammer.last - hammer.first) + burst
-    assert hammer.statuses[429] > admitted, hammer.statuses  # it was hammered well above the limit
+    elapsed = hammer.last - hammer.first
+    expected = rate * elapsed + burst
+    offered = sum(hammer.statuses.values()) / elapsed
+    assert offered >= 1.3 * rate, (offered, hammer.statuses)  # hammered well above the limit
     assert set(hammer.statuses) <= {200, 429}, hammer.statuses
     assert abs(admitted - expected) <= 0.01 * expected, (admitted, expected, hammer.statuses)
 
 
 def test_rate_limit_is_exact_across_two_workers(triton: TritonFleet, redis: RedisServer) -> None:
     with gateway(routes(triton, redis.url), workers=2) as process:
-        secret = create_key(process, "hammered", rate="200/s", burst=20)
-        expect_exact(Hammer(process.port, secret, seconds=10).run(), 200, 20)
+        # Burst 100: a load generator stalled up to 0.5 s (a busy CI machine) loses no tokens.
+        secret = create_key(process, "hammered", rate="200/s", burst=100)
+        expect_exact(Hammer(process.port, secret, seconds=10).run(), 200, 100)
 
 
 def test_rate_limit_is_exact_on_a_redis_cluster(triton: TritonFleet) -> None:
     cluster = RedisClusterNodes().start()
     try:
         with gateway(routes(triton, cluster.url), workers=2) as process:
-            secret = create_key(process, "clustered", rate="200/s", burst=20)
-            expect_exact(Hammer(process.port, secret, seconds=10).run(), 200, 20)
+            secret = create_key(process, "clustered", rate="200/s", burst=100)
+            expect_exact(Hammer(process.port, secret, seconds=10).run(), 200, 100)
     finally:
         cluster.cleanup()
 
@@ -190,7 +193,7 @@ def test_redis_down_fail_closed_answers_503_fast_then_recovers(triton: TritonFle
     try:
         # The default 80 ms store timeout: the 503s must come out within 100 ms.
         with gateway(routes(triton, server.url, store_timeout="80ms"), workers=2) as process:
-            secret = create_key(process, "steady", rate="100/s", burst=10)
+            secret = create_key(process, "steady", rate="100/s", burst=50)
             hammer = Hammer(process.port, secret, seconds=4, threads=3)
             hammer.run(during=lambda: (time.sleep(1.0), server.stop()))
             assert hammer.statuses[503] > 0
@@ -198,7 +201,7 @@ def test_redis_down_fail_closed_answers_503_fast_then_recovers(triton: TritonFle
             server.start()
             # No gateway restart: exact limiting resumes once Redis is back.
             assert wait_until(lambda: call(process.port, secret)[0] == 200, 10) is not None
-            expect_exact(Hammer(process.port, secret, seconds=3).run(), 100, 10)
+            expect_exact(Hammer(process.port, secret, seconds=3).run(), 100, 50)
             store = admin(process, "GET", "/api/store")[1]
             assert any(w.get("fail_closed", 0) > 0 for w in store.values())
     finally:
