@@ -48,6 +48,24 @@ store: {{url: "{store_url}", timeout: 500ms}}
 """
 
 
+def healthy_routes(triton: TritonFleet, rollout: str, store_url: str = "memory://") -> str:
+    """Baseline Triton v3 and an equally good canary, v4, under the given rollout."""
+    return f"""
+backends:
+  triton-a: {{url: "{triton.v3.url}", timeout: 10s}}
+  triton-b: {{url: "{triton.v4.url}", timeout: 10s}}
+models:
+  fraud-detector:
+    versions:
+      2.1.3: {{backend: triton-a, target: fraud_detector/3}}
+      2.2.0: {{backend: triton-b, target: fraud_detector/4}}
+    split: {{2.1.3: 100, 2.2.0: 0}}
+    {rollout}
+keys: {{required: false}}
+store: {{url: "{store_url}", timeout: 500ms}}
+"""
+
+
 def rollout(process: GatewayProcess) -> dict[str, object]:
     status, body = admin(process, "GET", "/api/rollouts")
     assert status == 200, body
@@ -151,20 +169,8 @@ def leader_of(processes: list[GatewayProcess]) -> list[GatewayProcess]:
 
 def test_one_process_decides_and_another_takes_over_when_it_dies(triton: TritonFleet) -> None:
     redis = RedisServer().start()
-    healthy = f"""
-backends:
-  triton-a: {{url: "{triton.v3.url}", timeout: 10s}}
-  triton-b: {{url: "{triton.v4.url}", timeout: 10s}}
-models:
-  fraud-detector:
-    versions:
-      2.1.3: {{backend: triton-a, target: fraud_detector/3}}
-      2.2.0: {{backend: triton-b, target: fraud_detector/4}}
-    split: {{2.1.3: 100, 2.2.0: 0}}
-    rollout: {{baseline: 2.1.3, canary: 2.2.0, steps: [20, 50, 100]}}
-keys: {{required: false}}
-store: {{url: "{redis.url}", timeout: 500ms}}
-"""
+    spec = "rollout: {baseline: 2.1.3, canary: 2.2.0, steps: [20, 50, 100]}"
+    healthy = healthy_routes(triton, spec, redis.url)
     try:
         with gateway(healthy) as first, gateway(healthy) as second:
             assert wait_until(lambda: len(leader_of([first, second])) == 1, 10) is not None
@@ -189,20 +195,8 @@ store: {{url: "{redis.url}", timeout: 500ms}}
 
 
 def test_equally_good_canary_is_stepped_up_and_promoted(triton: TritonFleet) -> None:
-    table = f"""
-backends:
-  triton-a: {{url: "{triton.v3.url}", timeout: 10s}}
-  triton-b: {{url: "{triton.v4.url}", timeout: 10s}}
-models:
-  fraud-detector:
-    versions:
-      2.1.3: {{backend: triton-a, target: fraud_detector/3}}
-      2.2.0: {{backend: triton-b, target: fraud_detector/4}}
-    split: {{2.1.3: 100, 2.2.0: 0}}
-    rollout:
-      {{baseline: 2.1.3, canary: 2.2.0, steps: [50, 100], min_step_duration: 3s, min_step_requests: 50}}
-keys: {{required: false}}
-"""
+    steps = "{baseline: 2.1.3, canary: 2.2.0, steps: [50, 100], min_step_duration: 3s, min_step_requests: 50}"
+    table = healthy_routes(triton, f"rollout: {steps}")
     with gateway(table) as process:
         traffic = Traffic(process.port).start(threads=4)
         started = time.monotonic()
