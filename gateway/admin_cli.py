@@ -119,6 +119,14 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> 
         ) from None
 
 
+def call_ok(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    """The answer of one successful call; AdminError (with the API's own message) otherwise."""
+    status, data = call(args, method, path, body)
+    if status >= 300 or not isinstance(data, dict):
+        raise fail(status, data)
+    return data
+
+
 def fail(status: int, data: Any) -> AdminError:
     message = data.get("error") if isinstance(data, dict) else None
     return AdminError(f"the admin API answered {status}: {message or data!r}")
@@ -129,9 +137,7 @@ def fail(status: int, data: Any) -> AdminError:
 
 def run_status(args: argparse.Namespace) -> int:
     try:
-        status, data = call(args, "GET", "/api/status")
-        if status != 200:
-            raise fail(status, data)
+        data = call_ok(args, "GET", "/api/status")
     except AdminError as exc:
         print(f"gateway status: {exc}", file=sys.stderr)
         return 1

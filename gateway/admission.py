@@ -23,7 +23,7 @@ from typing import Any
 from gateway import keys
 from gateway.http_server import Headers, Request
 from gateway.ratelimit import Limit, Verdict
-from gateway.store.base import KeyRecord, Store, StoreUnavailable
+from gateway.store.base import KeyRecord, Store, StoreUnavailable, redacted
 from gateway.store.memory import MemoryStore
 from gateway.table import Model, RouteTable
 
@@ -132,7 +132,7 @@ class Admission:
         if secret is None:
             if table.keys.required:
                 self.stats.count("", model.name, "no_key")
-                then(Decision(401, "an API key is required: send Authorization: Bearer <key> or X-API-Key"))
+                then(Decision(401, keys.KEY_REQUIRED.message))
                 return
             self._limit(table, model, None, request.client, then)
             return
@@ -224,11 +224,3 @@ class Admission:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def redacted(url: str) -> str:
-    """A store URL without its password, for logs and the admin API."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.split("@", 1)[1]
-    return scheme + sep + rest

@@ -44,14 +44,6 @@ class HealthChecker:
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def unready(self, model: str) -> frozenset[str]:
-        """Versions of a model that must get no traffic now (unknown counts as ready until checked)."""
-        return frozenset(v for (m, v), health in self.versions.items() if m == model and not health.ready)
-
-    def why_unready(self, model: str, version: str) -> str:
-        health = self.versions.get((model, version))
-        return health.detail if health is not None and not health.ready else ""
-
     def set_table(self, table: RouteTable) -> None:
         self._table = table
         keep = {(m.name, v) for m in table.models.values() for v in m.versions}

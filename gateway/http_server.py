@@ -30,6 +30,7 @@ Headers = list[tuple[bytes, bytes]]
 
 log = logging.getLogger("gateway.http")
 
+SMALL_WRITE = 16384  # bodies up to this size leave in the same send as the response head
 MAX_PIPELINED = 16  # complete requests queued behind the active one before we stop reading
 
 _STATUS_LINES = {
@@ -311,11 +312,11 @@ class ClientConnection(asyncio.Protocol):
         head, self._head = self._head, b""
         if self._response_chunked:
             self._transport.writelines((head, b"%x\r\n" % len(data), data, b"\r\n"))
-        elif head:
-            self._transport.write(head + data if len(data) <= 16384 else head)
-            if len(data) > 16384:
-                self._transport.write(data)
+        elif head and len(data) <= SMALL_WRITE:
+            self._transport.write(head + data)  # one send for a small response: copying is cheaper
         else:
+            if head:
+                self._transport.write(head)
             self._transport.write(data)
 
     def end_response(self) -> None:

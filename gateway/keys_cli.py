@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from gateway.admin_cli import AdminError, call, connection_options, fail
+from gateway.admin_cli import AdminError, call, call_ok, connection_options, fail
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,14 +60,6 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def _key_path(name: str) -> str:
     return "/api/keys/" + urllib.parse.quote(name, safe="")
-
-
-def _run(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
-    """The answer of one successful call; AdminError (with the API's own message) otherwise."""
-    status, data = call(args, method, path, body)
-    if status >= 300 or not isinstance(data, dict):
-        raise fail(status, data)
-    return data
 
 
 def _report(command: str, exc: AdminError) -> int:
@@ -170,7 +162,7 @@ def format_keys(keys: list[dict[str, Any]]) -> str:
 
 def run_list(args: argparse.Namespace) -> int:
     try:
-        data = _run(args, "GET", "/api/keys")
+        data = call_ok(args, "GET", "/api/keys")
     except AdminError as exc:
         return _report("list", exc)
     print(json.dumps(data, indent=2) if args.json else format_keys(data.get("keys", [])))
@@ -182,7 +174,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 def _act(command: str, args: argparse.Namespace, method: str, body: Any, done: str) -> int:
     try:
-        data = _run(args, method, _key_path(args.name), body)
+        data = call_ok(args, method, _key_path(args.name), body)
     except AdminError as exc:
         return _report(command, exc)
     print(json.dumps(data, indent=2) if args.json else done.format(args.name))

@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from gateway import control
+from gateway import control, keys
 from gateway.admission import ADMITTED, Admission, Decision
 from gateway.http_server import ClientConnection, Headers, Request
 from gateway.routing import Endpoint, Router, Target, effective_split, parse_path
@@ -80,11 +80,7 @@ class _VersionRoute:
         self.id = version.id.encode()
         backend = pool.backend
         self.host = f"{backend.host}:{backend.port}".encode()
-        if version.triton_version:
-            path = f"/v2/models/{version.triton_model}/versions/{version.triton_version}/infer"
-        else:
-            path = f"/v2/models/{version.triton_model}/infer"
-        self.path = path.encode()
+        self.path = (control.triton_model_path(version) + "/infer").encode()
 
 
 class Gateway:
@@ -175,9 +171,7 @@ class Gateway:
         table = self.table
         if table.keys.required and not (request.header(b"authorization") or request.header(b"x-api-key")):
             # Before the model lookup, so callers without a key cannot probe which models exist.
-            self.reject(
-                conn, 401, "an API key is required: send Authorization: Bearer <key> or X-API-Key", _BEARER
-            )
+            self.reject(conn, 401, keys.KEY_REQUIRED.message, _BEARER)
             return
         model = table.models.get(target.model)
         if model is None:
@@ -348,7 +342,6 @@ class ProxyExchange:
         "_extra",
         "_gateway",
         "_route",
-        "_started",
         "_status",
         "_t0",
         "_upstream",
@@ -370,8 +363,7 @@ class ProxyExchange:
         self._route = route
         self.request_id = request_id
         self._upstream: UpstreamConnection | None = None
-        self._started = False
-        self._status = 0
+        self._status = 0  # the backend's status once its response has started
         self._t0 = 0.0
 
     def start(self, payload: list[bytes]) -> None:
@@ -398,17 +390,13 @@ class ProxyExchange:
     # -- UpstreamListener --------------------------------------------------------------------------
 
     def upstream_headers(self, status: int, headers: Headers, content_length: int | None) -> None:
-        self._started = True
         self._status = status
         drop = _DROP_RESPONSE
         for name, value in headers:
             if name == b"connection":
                 drop = drop | {token.strip().lower() for token in value.split(b",")}
         out = [header for header in headers if header[0] not in drop]
-        out += ((b"x-model-version", self._route.id), (b"x-request-id", self.request_id))
-        if self._extra:
-            out += self._extra
-        self.conn.start_response(status, out, content_length)
+        self.conn.start_response(status, out + self._own_headers(), content_length)
 
     def upstream_body(self, data: bytes) -> None:
         self.conn.write(data)
@@ -426,7 +414,7 @@ class ProxyExchange:
         self._record(self._status or status, outcome)
         if self.conn.closed:
             return
-        if self._started:
+        if self._status:
             self.conn.abort()  # the client has part of a response; closing is the only honest signal
             return
         self._fail(status, detail)
@@ -450,14 +438,15 @@ class ProxyExchange:
         if self._upstream is not None:
             self._upstream.abandon()
             self._upstream = None
-            self._record(
-                499, Outcome.CLIENT_ERROR
-            )  # nginx's code for a client that left; not the version's fault
+            # 499: nginx's code for a client that left; it is not the version's fault.
+            self._record(499, Outcome.CLIENT_ERROR)
 
     def _fail(self, status: int, message: str) -> None:
         if self.conn.closed:
             return
-        extra = [(b"x-model-version", self._route.id), (b"x-request-id", self.request_id)]
-        if self._extra:
-            extra += self._extra
-        self._gateway.respond_error(self.conn, status, message, extra)
+        self._gateway.respond_error(self.conn, status, message, self._own_headers())
+
+    def _own_headers(self) -> Headers:
+        """What the gateway adds to every answer for this request, from the backend or its own."""
+        own = [(b"x-model-version", self._route.id), (b"x-request-id", self.request_id)]
+        return own + self._extra if self._extra else own

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from gateway.admin_cli import AdminError, call, connection_options, fail
+from gateway.admin_cli import AdminError, call_ok, connection_options
 
 ACTIONS = ("pause", "resume", "promote", "rollback")
 
@@ -28,9 +28,7 @@ def add_commands(commands: Any) -> None:
 
 def _status(args: argparse.Namespace) -> int:
     try:
-        code, data = call(args, "GET", "/api/rollouts")
-        if code != 200:
-            raise fail(code, data)
+        data = call_ok(args, "GET", "/api/rollouts")
     except AdminError as exc:
         print(f"gateway rollout status: {exc}", file=sys.stderr)
         return 1
@@ -59,9 +57,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _act(args: argparse.Namespace) -> int:
     try:
-        code, data = call(args, "POST", f"/api/rollouts/{args.model}/{args.action}")
-        if code != 202:
-            raise fail(code, data)
+        call_ok(args, "POST", f"/api/rollouts/{args.model}/{args.action}")
     except AdminError as exc:
         print(f"gateway rollout {args.action}: {exc}", file=sys.stderr)
         return 1

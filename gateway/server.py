@@ -21,7 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from aiohttp import web
+
 from gateway import snapshots
+from gateway.admin import build_admin_app
 from gateway.controlplane import ControlPlane
 from gateway.store import Store, open_store
 from gateway.table import RouteTable
@@ -105,14 +108,10 @@ def admin_tokens(state_dir: Path, host: str) -> dict[str, str]:
     return {secret: "local-admin"}
 
 
-async def start_admin(plane: ControlPlane, options: ServeOptions, store: Store) -> object | None:
+async def start_admin(plane: ControlPlane, options: ServeOptions, store: Store) -> web.AppRunner | None:
     """Serve the admin API; returns the runner to clean up, or None without an admin port."""
     if options.admin_port is None:
         return None
-    from aiohttp import web
-
-    from gateway.admin import build_admin_app
-
     tokens = admin_tokens(plane.state_dir, options.admin_host)
     runner = web.AppRunner(build_admin_app(plane, tokens, store), access_log=None)
     await runner.setup()
@@ -121,9 +120,9 @@ async def start_admin(plane: ControlPlane, options: ServeOptions, store: Store) 
     return runner
 
 
-async def _stop_admin(runner: object | None) -> None:
+async def _stop_admin(runner: web.AppRunner | None) -> None:
     if runner is not None:
-        await runner.cleanup()  # type: ignore[attr-defined]
+        await runner.cleanup()
 
 
 def _fresh_state(state_dir: Path) -> None:
@@ -146,8 +145,6 @@ async def serve_single(table: RouteTable, options: ServeOptions) -> None:
             options.config, state_dir, options.worker_index, options.shutdown_timeout, options.stats
         ),
     )
-    for note in not_yet_enforced(table):
-        log.warning("%s", note)
     sock = listen_socket(options.host, options.port, options.reuse_port)
     server = await worker.loop.create_server(worker.connection, sock=sock)
     log.info("serving %s on http://%s:%d (pid %d)", options.config, options.host, options.port, os.getpid())
@@ -235,11 +232,6 @@ async def supervise(options: ServeOptions, worker_argv: list[str]) -> int:
         await _stop_admin(runner)
         await store.close()
     return status
-
-
-def not_yet_enforced(table: RouteTable) -> list[str]:
-    """Settings the file may hold that this build accepts but does not act on yet."""
-    return []
 
 
 def shared_state_problem(table: RouteTable, workers: int) -> str | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import config, snapshots
-from gateway.admission import Admission, redacted
+from gateway.admission import Admission
 from gateway.deadlines import Deadlines, resolution_for
 from gateway.health import HealthChecker
 from gateway.http_server import ClientConnection
@@ -27,6 +27,7 @@ from gateway.proxy import Gateway
 from gateway.rollout.controller import RolloutController, Weights
 from gateway.stats import Stats
 from gateway.store import Store, StoreUnavailable, open_store
+from gateway.store.base import redacted
 from gateway.table import RouteTable, model_digest
 from gateway.watch import FileWatcher
 
@@ -121,9 +122,6 @@ class Worker:
         await self.health.stop()
         await self.admission.stop()
         await self.gateway.close()
-
-    def stop(self) -> None:
-        self._stop.set()
 
     # -- reload ------------------------------------------------------------------------------------
 

@@ -86,6 +86,13 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
+def redacted(url: str) -> str:
+    """A store URL without its user and password, for messages, logs and the admin API."""
+    scheme, _, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    return f"{scheme}://{netloc.rpartition('@')[2]}{slash}{path}"
+
+
 def open_store(url: str, timeout: float = 0.08) -> Store:
     """The store for a URL: memory:// or redis://, rediss://, redis+sentinel://, redis+cluster://."""
     scheme = url.partition("://")[0].lower()

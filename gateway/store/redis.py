@@ -41,7 +41,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from gateway.ratelimit import Limit, Verdict, check_all
-from gateway.store.base import KeyRecord, Revoked, StoreUnavailable
+from gateway.store.base import KeyRecord, Revoked, StoreUnavailable, redacted
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -160,9 +160,7 @@ class RedisStore:
     def __init__(self, url: str, timeout: float = 0.25) -> None:
         self.url = url
         self._timeout = timeout
-        scheme, _, rest = url.partition("://")
-        netloc, slash, path = rest.partition("/")
-        self._where = f"{scheme}://{netloc.rpartition('@')[2]}{slash}{path}"  # for messages: no password
+        self._where = redacted(url)  # for messages: no password
         self._pending: list[Pending] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         options: dict[str, Any] = dict(
@@ -174,7 +172,7 @@ class RedisStore:
             # first command on each of them after a Redis restart fails.
             maint_notifications_config=MaintNotificationsConfig(enabled=False),
         )
-        scheme = scheme.lower()
+        scheme = url.partition("://")[0].lower()
         self._cluster: RedisCluster | None = None
         self._sentinel: Sentinel | None = None
         self._new_client: Callable[[int], Redis]  # a fresh plain client (the n-th try), for subscriptions
