@@ -60,8 +60,8 @@ from gateway.rollout.sequential import (
     TAIL_LEVEL,
     Counts,
 )
-from gateway.stats import LATENCY_BUCKETS
-from gateway.table import Rollout
+from gateway.routing.table import Rollout
+from gateway.stats.counters import LATENCY_BUCKETS
 
 Floats = npt.NDArray[np.float64]
 Ints = npt.NDArray[np.int64]
@@ -74,7 +74,7 @@ FLAGGER_INTERVAL = 60
 FLAGGER_MIN_SUCCESS = 0.99
 FLAGGER_THRESHOLD = 5
 STEP_UP_EVERY = 10  # seconds between step-up readiness checks (the confidence bounds cost the most)
-DEFAULT_ALLOWANCE = 0.005  # max_error_rate_increase's default (gateway/config.py)
+DEFAULT_ALLOWANCE = 0.005  # max_error_rate_increase's default (gateway/routing/config.py)
 OURS = ("ours, allowance 0", "ours, allowance 0.005 (default)")
 RULES = (*OURS, "Flagger, 5 in a row", "Flagger as coded")
 

@@ -20,9 +20,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway import admin, admin_cli, snapshots
-from gateway.admin_openapi import OPENAPI
-from gateway.controlplane import ControlPlane
+from gateway.admin import app as admin
+from gateway.admin.control_plane import ControlPlane
+from gateway.admin.openapi import OPENAPI
+from gateway.cli import admin as admin_cli
+from gateway.state import files as snapshots
+from gateway.state.records import WorkerSnapshot
 from gateway.store.memory import MemoryStore
 
 ALICE, BOB = "s3cret-alice-token", "s3cret-bob-token"
@@ -63,6 +66,7 @@ def snapshot(pid: int) -> dict[str, Any]:
         "buckets": [0, 4, 6] + [0] * 46,
         "latency_sum": 0.02,
         "in_flight": 1,
+        "consecutive_failures": 0,
     }
     return {
         "pid": pid,
@@ -71,7 +75,16 @@ def snapshot(pid: int) -> dict[str, Any]:
         "time": time.time(),
         "revision": "",
         "source": "routes.yaml",
-        "reloads": [{"time": time.time() - 60, "ok": True, "revision": "", "trigger": "start", "errors": []}],
+        "reloads": [
+            {
+                "time": time.time() - 60,
+                "ok": True,
+                "revision": "",
+                "trigger": "start",
+                "errors": [],
+                "duration_ms": 1.0,
+            }
+        ],
         "reload_counts": {"ok": 1, "failed": 0},
         "health": {
             "backends": {"triton-a": {"ready": True, "detail": "", "checked_at": time.time()}},
@@ -81,6 +94,18 @@ def snapshot(pid: int) -> dict[str, Any]:
         "stats": {"versions": {f"{FD}/2.1.3": counters}, "unrouted": [0, 0, 0, 3, 0]},
         "mirrors": {"in_flight": 0, "skipped": 0},
         "connections": 2,
+        "admission": {
+            "store_url": "memory://",
+            "store_up": True,
+            "on_error": "fail_closed",
+            "live_processes": 2,
+            "store_errors": 0,
+            "fail_open": 0,
+            "fail_closed": 0,
+            "outcomes": [["", FD, "admitted", 10]],
+        },
+        "rollouts": {"leader": pid == 101, "records": {}},
+        "internal_errors": 0,
     }
 
 
@@ -95,11 +120,11 @@ class Fleet:
     triggered: int = 0
 
     def write(self, pid: int, **changes: Any) -> None:
-        snapshots.write_snapshot(self.state, {**snapshot(pid), **changes})
+        snapshots.write_snapshot(self.state, WorkerSnapshot.from_json({**snapshot(pid), **changes}))
 
     async def trigger(self) -> None:
         self.triggered += 1
-        from gateway import config
+        from gateway.routing import config
 
         revision = config.load_table(self.config).revision
         for path in sorted((self.state / snapshots.WORKERS).glob("*.json")):
@@ -113,7 +138,7 @@ class Fleet:
             data["reload_counts"]["ok" if ok else "failed"] += 1
             data["revision"] = revision if ok else data["revision"]
             data["time"] = time.time()
-            snapshots.write_snapshot(self.state, data)
+            snapshots.write_snapshot(self.state, WorkerSnapshot.from_json(data))
 
 
 @dataclass

@@ -7,6 +7,8 @@ Positions are written into the test documents with a » marker in front of the n
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from gateway.config import ConfigError, ConfigIssue, load_table, parse_table
-from gateway.table import Limit, Mirror, Rollout, RouteTable
+from gateway.routing import units
+from gateway.routing.config import ConfigError, ConfigIssue, load_table, parse_table
+from gateway.routing.table import Limit, Mirror, Rollout, RouteTable, ServerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "»"
@@ -534,6 +537,40 @@ def test_defaults_fill_what_a_small_file_leaves_out() -> None:
     assert table.keys.required is True and table.keys.default_limit is None
     assert (table.store.url, table.store.on_error) == ("memory://", "fail_closed")
     assert table.server.max_body_size == 64 * 2**20
+
+
+def test_the_defaults_the_reference_states_are_the_ones_a_file_gets() -> None:
+    text = (ROOT / "docs" / "routes.md").read_text()
+    stated = {
+        row[0].strip("`"): row[2].strip("`")
+        for line in text.splitlines()
+        if len(row := [cell.strip() for cell in line.strip().strip("|").split("|")]) == 3
+    }
+    table = parse(BASE + "    rollout: {baseline: stable, canary: candidate}\n")
+    backend, rollout = table.backends["triton-a"], table.models["fraud-detector"].rollout
+    assert rollout is not None
+    expected: dict[str, tuple[Any, Any]] = {
+        "backends.*.timeout": (units.duration, backend.timeout),
+        "backends.*.connect_timeout": (units.duration, backend.connect_timeout),
+        "backends.*.max_connections": (int, backend.max_connections),
+        "rollout.steps": (lambda t: tuple(json.loads(t)), rollout.steps),
+        "rollout.max_error_rate_increase": (units.number, rollout.max_error_rate_increase),
+        "rollout.max_latency_increase": (units.fraction_or_percent, rollout.max_latency_increase),
+        "rollout.false_rollback_rate": (units.number, rollout.false_rollback_rate),
+        "rollout.min_step_duration": (units.duration, rollout.min_step_duration),
+        "rollout.min_step_requests": (int, rollout.min_step_requests),
+        "keys.required": (units.boolean, table.keys.required),
+        "store.url": (str, table.store.url),
+        "store.on_error": (str, table.store.on_error),
+        "store.timeout": (units.duration, table.store.timeout),
+    }
+    for key, (read, value) in expected.items():
+        assert read(stated[key]) == pytest.approx(value), key
+    # `server.*` defaults are "as shown" in the example at the top.
+    assert stated["server.*"] == "as shown"
+    shown = re.search(r"^server: \{[^}]*\}", text, re.MULTILINE)
+    assert shown is not None
+    assert parse(BASE + shown[0] + "\n").server == ServerSettings() == parse(BASE).server
 
 
 def test_rollout_defaults_and_percent_forms() -> None:

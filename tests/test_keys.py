@@ -22,10 +22,23 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway import admin, admin_keys, keys, keys_cli, snapshots
-from gateway.admin_openapi import OPENAPI
-from gateway.controlplane import ControlPlane
-from gateway.keys import KEY_REQUIRED, MISSING, Denial, KeyCache, authorize, hash_secret, secret_from_headers
+from gateway.access import keys
+from gateway.access.keys import (
+    KEY_REQUIRED,
+    MISSING,
+    Denial,
+    KeyCache,
+    authorize,
+    hash_secret,
+    secret_from_headers,
+)
+from gateway.admin import app as admin
+from gateway.admin import keys as admin_keys
+from gateway.admin.control_plane import ControlPlane
+from gateway.admin.openapi import OPENAPI
+from gateway.cli import keys as keys_cli
+from gateway.routing.table import Limit
+from gateway.state import files as snapshots
 from gateway.store.base import KeyRecord, StoreUnavailable
 from gateway.store.memory import MemoryStore
 
@@ -457,6 +470,82 @@ async def test_patch_disables_enables_and_changes(api: KeysAdmin) -> None:
     assert api.audit()[-1]["changes"] == {"rate": 10.0, "models": ["m1"]}
 
 
+async def test_model_limits_are_set_shown_and_changed(api: KeysAdmin) -> None:
+    body = {
+        "name": "team-a",
+        "models": ["fraud-detector", "churn"],
+        "model_limits": {"fraud-detector": {"rate": "600/m", "burst": 20}, "churn": {"rate": 2.5}},
+    }
+    status, created = await api.call("POST", "/api/keys", json=body)
+    assert status == 201, created
+    # A burst left out gets routes.yaml's default: the rate per second, rounded up.
+    expected = {"fraud-detector": {"rate": 10.0, "burst": 20}, "churn": {"rate": 2.5, "burst": 3}}
+    assert created["model_limits"] == expected
+    stored = await api.store.get_key(hash_secret(created["secret"]))
+    assert stored is not None
+    assert stored.model_limits == {"fraud-detector": Limit(10.0, 20), "churn": Limit(2.5, 3)}
+    assert (await api.call("GET", "/api/keys/team-a"))[1]["model_limits"] == expected
+    _, listing = await api.call("GET", "/api/keys")
+    assert listing["keys"][0]["model_limits"] == expected
+    assert created["secret"] not in json.dumps(listing)
+
+    # A rotation keeps them; a PATCH that sends model_limits replaces the whole set.
+    status, rotated = await api.call("POST", "/api/keys", json={"name": "team-a", "replace": True})
+    assert status == 201 and rotated["model_limits"] == expected
+    patch = {"model_limits": {"churn": {"rate": "1/s", "burst": 1}}}
+    status, changed = await api.call("PATCH", "/api/keys/team-a", json=patch)
+    assert status == 200 and changed["model_limits"] == {"churn": {"rate": 1.0, "burst": 1}}
+    assert api.audit()[-1]["changes"] == {"model_limits": {"churn": {"rate": 1.0, "burst": 1}}}
+    (stored,) = await api.store.list_keys()
+    assert stored.model_limits == {"churn": Limit(1.0, 1)}
+
+    # Narrowing "models" past a limited model is refused rather than leaving a limit nobody can reach.
+    status, refused = await api.call("PATCH", "/api/keys/team-a", json={"models": ["fraud-detector"]})
+    assert status == 400 and "'churn', which the key may not call" in refused["error"]
+    status, cleared = await api.call("PATCH", "/api/keys/team-a", json={"model_limits": None})
+    assert status == 200 and cleared["model_limits"] == {}
+    assert (await api.store.list_keys())[0].model_limits == {}
+
+    # A key allowed every model may limit any of them.
+    status, wide = await api.call(
+        "POST", "/api/keys", json={"name": "team-b", "model_limits": {"anything": {"rate": "5/s"}}}
+    )
+    assert status == 201 and wide["model_limits"] == {"anything": {"rate": 5.0, "burst": 5}}
+
+
+@pytest.mark.parametrize(
+    ("model_limits", "message"),
+    [
+        (["m"], '"model_limits" must be an object of model -> limit'),
+        ({"m": "100/s"}, '"model_limits" for \'m\' must be {"rate": "100/s"}'),
+        ({"m": {}}, '"model_limits" for \'m\' must be {"rate"'),
+        ({"m": {"rate": "1/s", "per": "s"}}, 'with an optional "burst"'),
+        ({"a/b": {"rate": "1/s"}}, "\"model_limits\": model name 'a/b' may only use"),
+        ({"m": {"rate": "100"}}, '"model_limits" for \'m\': "rate" must be a rate like'),
+        ({"m": {"rate": "0/s"}}, '"model_limits" for \'m\': "rate" must be more than zero'),
+        ({"m": {"rate": 0}}, '"rate" must be a rate like "100/s", "600/m" or "3600/h", or a number'),
+        ({"m": {"rate": -1.5}}, "or a number of requests per second above zero, not -1.5"),
+        ({"m": {"rate": True}}, "above zero, not True"),
+        ({"m": {"rate": None}}, "above zero, not None"),
+        ({"m": {"rate": "1/s", "burst": 0}}, '"model_limits" for \'m\': "burst" must be a whole number'),
+        ({"m": {"rate": "1/s", "burst": 2.5}}, '"burst" must be a whole number'),
+        ({"churn": {"rate": "1/s"}}, "names 'churn', which the key may not call (its \"models\": m)"),
+    ],
+)
+async def test_model_limit_refusals_are_400_with_a_reason(
+    api: KeysAdmin, model_limits: Any, message: str
+) -> None:
+    body = {"name": "a", "models": ["m"], "model_limits": model_limits}
+    status, answer = await api.call("POST", "/api/keys", json=body)
+    assert status == 400 and message in answer["error"], answer
+    status, _ = await api.call("POST", "/api/keys", json={"name": "a", "models": ["m"]})
+    assert status == 201
+    status, answer = await api.call("PATCH", "/api/keys/a", json={"model_limits": model_limits})
+    assert status == 400 and message in answer["error"], answer
+    (stored,) = await api.store.list_keys()
+    assert stored.model_limits == {}
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
@@ -638,9 +727,11 @@ async def test_cli_list_revoke_disable_enable(api: KeysAdmin, capsys: pytest.Cap
     assert await run_cli(api, "list") == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "MODELS", "LIMIT", "EXPIRES", "DISABLED", "CREATED"]
-    assert lines[1].split()[:5] == ["team-a", "m1,m2", "10/s", "never", "no"]
-    assert lines[2].split()[:5] == ["team-b", "all", "default", "never", "yes"] and "by alice" in lines[2]
+    assert lines[0].split() == ["NAME", "MODELS", "LIMIT", "MODEL_LIMITS", "EXPIRES", "DISABLED", "CREATED"]
+    assert lines[1].split()[:6] == ["team-a", "m1,m2", "10/s", "-", "never", "no"]
+    assert (
+        lines[2].split()[:6] == ["team-b", "all", "default", "-", "never", "yes"] and "by alice" in lines[2]
+    )
     assert not any(s in out for s in secrets_shown)
     assert await run_cli(api, "enable", "team-b") == 0
     assert "enabled API key 'team-b'" in capsys.readouterr().out
@@ -654,6 +745,47 @@ async def test_cli_list_revoke_disable_enable(api: KeysAdmin, capsys: pytest.Cap
     assert "refused the token" in capsys.readouterr().err
     actions = [(e["who"], e["action"]) for e in api.audit()]
     assert actions[-2:] == [("alice", "keys.enable"), ("bob", "keys.revoke")]
+
+
+async def test_cli_model_limits(api: KeysAdmin, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ("create", "--name", "team-a", "--models", "fraud-detector,churn")
+    limits = ("--model-limit", "fraud-detector=100/s:200", "--model-limit", "churn=600/m")
+    assert await run_cli(api, *argv, *limits) == 0
+    out, err = capsys.readouterr()
+    assert "model limits: fraud-detector=100/s:200,churn=10/s:10; expires: never" in err
+    key = await api.store.get_key(hash_secret(out.strip()))
+    assert key is not None
+    assert key.model_limits == {"fraud-detector": Limit(100.0, 200), "churn": Limit(10.0, 10)}
+    assert await run_cli(api, "list") == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[:4] == ["team-a", "fraud-detector,churn", "default", "fraud-detector=100/s:200,churn=10/s:10"]
+
+    # What the list shows is what --model-limit takes.
+    assert (
+        await run_cli(api, "create", "--name", "team-a", "--replace", "--model-limit", "churn=10/s:10") == 0
+    )
+    capsys.readouterr()
+    (key,) = await api.store.list_keys()
+    assert key.model_limits == {"churn": Limit(10.0, 10)}
+
+    # The admin API's refusal is shown as is; nothing changes.
+    assert await run_cli(api, "create", "--name", "team-b", "--models", "m", "--model-limit", "x=1/s") == 1
+    assert "names 'x', which the key may not call" in capsys.readouterr().err
+    assert (
+        await run_cli(api, "create", "--name", "team-b", "--model-limit", "x=1/s", "--model-limit", "x=2/s")
+        == 1
+    )
+    assert "names the same model twice" in capsys.readouterr().err
+    assert [k.name for k in await api.store.list_keys()] == ["team-a"]
+
+
+@pytest.mark.parametrize("given", ["m", "=1/s", "m=", "m=1/s:", "m=1/s:x", "m=1/s:-1"])
+def test_cli_model_limit_syntax(given: str, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="gateway")
+    keys_cli.add_commands(parser.add_subparsers(dest="command", required=True))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["keys", "create", "--name", "a", "--model-limit", given])
+    assert "must be MODEL=RATE or MODEL=RATE:BURST" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -1,18 +1,26 @@
-"""`gateway.metrics`: Prometheus text from hand-made worker snapshots, parsed back with prometheus_client."""
+"""`gateway.admin.metrics`: Prometheus text from hand-made worker snapshots.
+
+The snapshots are written as the JSON a worker publishes and parsed through `WorkerSnapshot.from_json`,
+as the control plane reads them.
+"""
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import __version__, metrics, snapshots
-from gateway.controlplane import ControlPlane
-from gateway.stats import LATENCY_BUCKETS, STATUS_CLASSES
+from gateway import __version__
+from gateway.admin import metrics
+from gateway.admin.control_plane import ControlPlane
+from gateway.state import files as snapshots
+from gateway.state.records import WorkerSnapshot
+from gateway.stats.counters import LATENCY_BUCKETS, STATUS_CLASSES
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 ROUTES = Path(__file__).resolve().parent.parent / "routes.yaml"
@@ -31,6 +39,18 @@ def version_stats(
         "buckets": buckets,
         "latency_sum": sum(latencies),
         "in_flight": in_flight,
+        "consecutive_failures": 0,
+    }
+
+
+def reload_event(at: float, ok: bool, errors: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "time": at,
+        "ok": ok,
+        "revision": "rev-a" if ok else None,
+        "trigger": "start",
+        "errors": errors or [],
+        "duration_ms": 1.0,
     }
 
 
@@ -46,6 +66,7 @@ def worker(
     ready: dict[str, bool] | None = None,
     backends: dict[str, bool] | None = None,
     started: float = 1000.0,
+    internal_errors: int = 0,
 ) -> dict[str, Any]:
     return {
         "pid": pid,
@@ -55,7 +76,7 @@ def worker(
         "alive": alive,
         "revision": revision,
         "source": "routes.yaml",
-        "reloads": reloads if reloads is not None else [{"time": started, "ok": True, "trigger": "start"}],
+        "reloads": reloads if reloads is not None else [reload_event(started, True)],
         "reload_counts": reload_counts or {"ok": 1, "failed": 0},
         "health": {
             "backends": {
@@ -67,7 +88,25 @@ def worker(
         "stats": {"versions": versions or {}, "unrouted": unrouted or [0, 0, 0, 0, 0]},
         "mirrors": {"in_flight": 1, "skipped": 2},
         "connections": 4,
+        "admission": {
+            "store_url": "memory://",
+            "store_up": True,
+            "on_error": "fail_closed",
+            "live_processes": 1,
+            "store_errors": 0,
+            "fail_open": 0,
+            "fail_closed": 0,
+            "outcomes": [],
+        },
+        "rollouts": {"leader": False, "records": {}},
+        "internal_errors": internal_errors,
     }
+
+
+def render(fleet: list[dict[str, Any]], table_revision: str | None) -> bytes:
+    """The text for these hand-made snapshots, read the way the control plane reads snapshot files."""
+    workers = [replace(WorkerSnapshot.from_json(w), alive=w["alive"]) for w in fleet]
+    return metrics.render_snapshots(workers, table_revision)
 
 
 def parse(text: bytes) -> Samples:
@@ -101,7 +140,7 @@ def fleet() -> list[dict[str, Any]]:
             f"{FD}/2.2.0": version_stats([0, 4, 0, 0, 0], [4, 0, 0, 0, 0], [0.01] * 4),
         },
         unrouted=[0, 0, 0, 5, 1],
-        reloads=[{"time": 1.0, "ok": True}, {"time": 2.0, "ok": False, "errors": ["x"]}],
+        reloads=[reload_event(1.0, True), reload_event(2.0, False, ["x"])],
         reload_counts={"ok": 3, "failed": 1},
         ready={f"{FD}/2.1.3": True, f"{FD}/2.2.0": True},
         backends={"triton-a": True, "triton-b": True},
@@ -116,6 +155,7 @@ def fleet() -> list[dict[str, Any]]:
         ready={f"{FD}/2.1.3": True, f"{FD}/2.2.0": False},
         backends={"triton-a": True, "triton-b": False},
         started=900.0,
+        internal_errors=2,
     )
     gone = worker(
         103,
@@ -126,12 +166,13 @@ def fleet() -> list[dict[str, Any]]:
         reload_counts={"ok": 1, "failed": 4},
         ready={f"{FD}/2.1.3": False},
         started=10.0,
+        internal_errors=1,
     )
     return [a, b, gone]
 
 
 def test_request_counts_add_up_exactly_across_workers(fleet: list[dict[str, Any]]) -> None:
-    samples = parse(metrics.render_snapshots(fleet, "rev-a"))
+    samples = parse(render(fleet, "rev-a"))
     expected = {"1xx": 0, "2xx": 10 + 5 + 7, "3xx": 0, "4xx": 2, "5xx": 1 + 3}
     for code in STATUS_CLASSES:
         assert (
@@ -144,10 +185,11 @@ def test_request_counts_add_up_exactly_across_workers(fleet: list[dict[str, Any]
     assert unrouted[frozenset({("code", "4xx")})] == 8
     assert unrouted[frozenset({("code", "5xx")})] == 1
     assert value(samples, "gateway_mirror_skipped_total") == 6  # dead worker's skips happened too
+    assert value(samples, "gateway_internal_errors_total") == 3  # and its internal errors too
 
 
 def test_histogram_is_cumulative_and_matches_count(fleet: list[dict[str, Any]]) -> None:
-    samples = parse(metrics.render_snapshots(fleet, "rev-a"))
+    samples = parse(render(fleet, "rev-a"))
     name = "gateway_request_duration_seconds"
     buckets = {
         dict(labels)["le"]: v
@@ -169,7 +211,7 @@ def test_histogram_is_cumulative_and_matches_count(fleet: list[dict[str, Any]]) 
 
 
 def test_in_flight_and_other_gauges_come_from_live_workers_only(fleet: list[dict[str, Any]]) -> None:
-    samples = parse(metrics.render_snapshots(fleet, "rev-a"))
+    samples = parse(render(fleet, "rev-a"))
     assert value(samples, "gateway_requests_in_flight", model=FD, version="2.1.3") == 3 + 2
     assert value(samples, "gateway_requests_in_flight", model=FD, version="2.2.0") == 0
     assert value(samples, "gateway_mirror_in_flight") == 2
@@ -180,7 +222,7 @@ def test_in_flight_and_other_gauges_come_from_live_workers_only(fleet: list[dict
 
 
 def test_revision_info_per_live_worker(fleet: list[dict[str, Any]]) -> None:
-    samples = parse(metrics.render_snapshots(fleet, "rev-a"))
+    samples = parse(render(fleet, "rev-a"))
     revisions = series(samples, "gateway_config_revision_info")
     assert {tuple(sorted(labels)): v for labels, v in revisions.items()} == {
         (("pid", "101"), ("revision", "rev-a")): 1,
@@ -191,20 +233,20 @@ def test_revision_info_per_live_worker(fleet: list[dict[str, Any]]) -> None:
     assert value(samples, "gateway_config_in_sync") == 0  # 102 is still on rev-b
 
     fleet[1]["revision"] = "rev-a"
-    samples = parse(metrics.render_snapshots(fleet, "rev-a"))
+    samples = parse(render(fleet, "rev-a"))
     assert value(samples, "gateway_config_in_sync") == 1  # the dead worker's old revision does not count
 
 
 def test_invalid_file_still_reports_what_workers_serve(fleet: list[dict[str, Any]]) -> None:
     fleet[1]["revision"] = "rev-a"
-    samples = parse(metrics.render_snapshots(fleet, None))
+    samples = parse(render(fleet, None))
     assert value(samples, "gateway_config_file_valid") == 0
     assert not series(samples, "gateway_config_file_revision_info")
     assert value(samples, "gateway_config_in_sync") == 1  # they agree with each other
 
 
 def test_reloads_and_readiness(fleet: list[dict[str, Any]]) -> None:
-    samples = parse(metrics.render_snapshots(fleet, "rev-a"))
+    samples = parse(render(fleet, "rev-a"))
     assert value(samples, "gateway_config_reloads_total", result="success") == 3 + 2 + 1
     assert value(samples, "gateway_config_reloads_total", result="failure") == 1 + 0 + 4
     assert value(samples, "gateway_config_last_reload_success", pid="101") == 0
@@ -229,12 +271,11 @@ def test_render_reads_the_control_planes_state_dir(tmp_path: Path, fleet: list[d
     plane = ControlPlane(str(ROUTES), state, _never)
     revision = plane.table().revision  # type: ignore[union-attr]
     for snapshot in fleet:
-        snapshot = {k: v for k, v in snapshot.items() if k != "alive"}
-        snapshots.write_snapshot(state, snapshot)
+        snapshots.write_snapshot(state, WorkerSnapshot.from_json(snapshot))
     # read_snapshots judges liveness by age: make 103 stale.
     stale = snapshots.read_json(state / "workers" / "103.json")
     stale["time"] = time.time() - 60
-    snapshots.write_snapshot(state, stale)
+    snapshots.write_snapshot(state, WorkerSnapshot.from_json(stale))
 
     samples = parse(metrics.render(plane))
     assert value(samples, "gateway_config_file_revision_info", revision=revision) == 1

@@ -26,7 +26,7 @@ from gateway.rollout.sequential import (
     count_bounds,
     split_increments,
 )
-from gateway.table import Rollout
+from gateway.routing.table import Rollout
 from load_tests.simulate_rollout import Scenario, bucket_probabilities, run_scenario
 
 STRICT = Rollout("2.1.3", "2.2.0", (5, 25, 50, 100), 0.0, 0.2, 0.01)

@@ -10,8 +10,8 @@ from types import MappingProxyType
 
 import pytest
 
-from gateway.routing import Endpoint, Router, Target, parse_path, split_sequence, sticky_choice
-from gateway.table import Backend, Mirror, Model, RouteTable, Version
+from gateway.routing.decisions import Endpoint, Router, Target, parse_path, split_sequence, sticky_choice
+from gateway.routing.table import Backend, Mirror, Model, RouteTable, Version
 
 
 def make_table(split: tuple[tuple[str, int], ...], sticky: str | None = None) -> RouteTable:
@@ -141,7 +141,7 @@ def test_sticky_assignment_is_the_same_in_another_process() -> None:
     users = [f"user-{i}" for i in range(200)]
     here = [sticky_choice(split, u.encode()) for u in users]
     code = (
-        "from gateway.routing import sticky_choice\n"
+        "from gateway.routing.decisions import sticky_choice\n"
         f"print(','.join(str(sticky_choice({split!r}, u.encode())) for u in {users!r}))"
     )
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -13,13 +14,18 @@ from typing import Any
 import pytest
 import redis
 
-from gateway.ratelimit import Limit
+from gateway.routing.table import Limit
 from gateway.store import KeyRecord, Store, StoreUnavailable, open_store
-from gateway.store.redis import HEARTBEATS, RedisStore, bucket_key
+from gateway.store.gcra import Bucket
+from gateway.store.redis import RedisStore
+from gateway.store.redis_layout import HEARTBEATS, KEYS_BY_HASH, KEYS_BY_NAME, bucket_key
 from tests.redis_servers import RedisClusterNodes, RedisServer, SentinelSetup
 
 ALL = ["memory", "redis", "cluster", "sentinel"]
 REDIS = ["redis", "cluster", "sentinel"]
+# For the stores these tests open themselves: longer than the 80 ms default, since a first connection
+# (a TLS handshake, say) on a busy test machine can take longer, and the tests here are not about that.
+PATIENT = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +60,7 @@ def url_for(request: pytest.FixtureRequest, kind: str) -> str:
 
 @pytest.fixture
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    opened = open_store(url_for(request, request.param))
+    opened = open_store(url_for(request, request.param), PATIENT)
     yield opened
     await opened.close()
 
@@ -63,8 +69,8 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
 async def two_stores(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Store, Store]]:
     """Two handles on one store, as two gateway processes have (memory: the same object)."""
     url = url_for(request, request.param)
-    first = open_store(url)
-    second = first if request.param == "memory" else open_store(url)
+    first = open_store(url, PATIENT)
+    second = first if request.param == "memory" else open_store(url, PATIENT)
     yield first, second
     await first.close()
     if second is not first:
@@ -89,7 +95,7 @@ async def eventually(condition: Callable[[], bool], timeout: float) -> float:
 
 @pytest.mark.parametrize("store", ALL, indirect=True)
 async def test_gcra_burst_then_one_per_interval(store: Store) -> None:
-    limit = Limit(unique("model:m"), rate=10.0, burst=5)
+    limit = Bucket(unique("model:m"), rate=10.0, burst=5)
     decisions = await store.check_limits([[limit]] * 8)  # one call: one clock reading, exact values
     assert [ok for ok, _ in decisions] == [True] * 5 + [False] * 3
     verdicts = [v for _, (v,) in decisions]
@@ -115,9 +121,9 @@ async def test_gcra_burst_then_one_per_interval(store: Store) -> None:
 @pytest.mark.parametrize("store", ALL, indirect=True)
 async def test_denied_request_charges_nothing(store: Store) -> None:
     key, model = unique("alice"), unique("m")
-    per_key = Limit(f"key:{key}", rate=0.01, burst=10)  # slow refill: nothing comes back during the test
-    per_key_model = Limit(f"key:{key}:model:{model}", rate=0.01, burst=2)
-    per_model = Limit(f"model:{model}", rate=0.01, burst=10)
+    per_key = Bucket(f"key:{key}", rate=0.01, burst=10)  # slow refill: nothing comes back during the test
+    per_key_model = Bucket(f"key:{key}:model:{model}", rate=0.01, burst=2)
+    per_model = Bucket(f"model:{model}", rate=0.01, burst=10)
     decisions = await store.check_limits([[per_key, per_key_model, per_model]] * 4)
     assert [ok for ok, _ in decisions] == [True, True, False, False]
     assert [v.allowed for v in decisions[2][1]] == [True, False, True]
@@ -132,8 +138,8 @@ async def test_denial_in_a_later_slot_refunds_the_earlier(store: Store) -> None:
     """In a cluster the key's and the model's buckets live in different slots: the key group is charged first,
     then the model group denies, and the key's charge must be given back."""
     key, model = unique("bob"), unique("m")
-    per_key = Limit(f"key:{key}", rate=0.01, burst=10)
-    per_model = Limit(f"model:{model}", rate=0.01, burst=2)
+    per_key = Bucket(f"key:{key}", rate=0.01, burst=10)
+    per_model = Bucket(f"model:{model}", rate=0.01, burst=2)
     if isinstance(store, RedisStore) and "cluster" in store.url:
         assert redis.crc.key_slot(bucket_key(per_key.bucket).encode()) != redis.crc.key_slot(
             bucket_key(per_model.bucket).encode()
@@ -144,8 +150,8 @@ async def test_denial_in_a_later_slot_refunds_the_earlier(store: Store) -> None:
     ((ok, (v,)),) = await store.check_limits([[per_key]])
     assert ok and v.remaining == 10 - 3
     # And the other way round: the model admits, a later key bucket denies.
-    tight_key = Limit(f"key:{unique('carol')}", rate=0.01, burst=1)
-    wide_model = Limit(f"model:{unique('m')}", rate=0.01, burst=10)
+    tight_key = Bucket(f"key:{unique('carol')}", rate=0.01, burst=1)
+    wide_model = Bucket(f"model:{unique('m')}", rate=0.01, burst=10)
     decisions = await store.check_limits([[wide_model, tight_key]] * 3)
     assert [ok for ok, _ in decisions] == [True, False, False]
     ((ok, (v,)),) = await store.check_limits([[wide_model]])
@@ -154,7 +160,7 @@ async def test_denial_in_a_later_slot_refunds_the_earlier(store: Store) -> None:
 
 @pytest.mark.parametrize("store", ALL, indirect=True)
 async def test_concurrent_callers_share_one_bucket_exactly(store: Store) -> None:
-    limit = Limit(unique("model:shared"), rate=0.01, burst=20)
+    limit = Bucket(unique("model:shared"), rate=0.01, burst=20)
     results = await asyncio.gather(*(store.check_limits([[limit]] * 3) for _ in range(10)))
     admitted = [ok for decisions in results for ok, _ in decisions]
     assert admitted.count(True) == 20 and len(admitted) == 30
@@ -200,6 +206,21 @@ async def test_keys_crud(store: Store) -> None:
     assert names == sorted(names)
 
 
+@pytest.mark.parametrize("store", ALL, indirect=True)
+async def test_model_limits_round_trip(store: Store) -> None:
+    limits = {"fraud-detector": Limit(2.5, 3), "ranker": Limit(1 / 60, 1)}
+    record = dataclasses.replace(a_key(unique("heidi"), uuid.uuid4().hex), model_limits=limits)
+    await store.put_key(record)
+    found = await store.get_key(record.secret_hash)
+    assert found == record and found.model_limits == limits
+    assert all(isinstance(limit, Limit) for limit in found.model_limits.values())
+    assert record in await store.list_keys()
+    cleared = dataclasses.replace(record, model_limits={})
+    await store.put_key(cleared)
+    assert await store.get_key(record.secret_hash) == cleared
+    assert await store.delete_key(record.name) == cleared
+
+
 @pytest.mark.parametrize("two_stores", ALL, indirect=True)
 async def test_watch_keys_hears_replace_and_delete_from_another_process(
     two_stores: tuple[Store, Store],
@@ -242,19 +263,19 @@ def evalsha_calls(client: redis.Redis) -> int:
 
 
 async def test_calls_of_one_tick_share_one_evalsha(redis_server: RedisServer) -> None:
-    store = RedisStore(redis_server.url)
+    store = RedisStore(redis_server.url, timeout=PATIENT)
     counter = redis.Redis(port=redis_server.port)
     try:
-        await store.check_limits([[Limit("model:warm-up", 100.0, 10)]])  # script cached, connection open
+        await store.check_limits([[Bucket("model:warm-up", 100.0, 10)]])  # script cached, connection open
         before = evalsha_calls(counter)
-        limits = [Limit(unique("model:batch"), 100.0, 10) for _ in range(50)]
+        limits = [Bucket(unique("model:batch"), 100.0, 10) for _ in range(50)]
         results = await asyncio.gather(*(store.check_limits([[limit]]) for limit in limits))
         assert evalsha_calls(counter) - before == 1
         assert all(ok for ((ok, _),) in results)
 
         # Sustained: 32 callers in a loop, as 32 client connections would be.
         before, rounds = evalsha_calls(counter), 50
-        many = Limit(unique("model:load"), 1e6, 10**6)
+        many = Bucket(unique("model:load"), 1e6, 10**6)
 
         async def caller() -> None:
             for _ in range(rounds):
@@ -270,11 +291,11 @@ async def test_calls_of_one_tick_share_one_evalsha(redis_server: RedisServer) ->
 
 
 async def test_redis_layout_prefix_and_expiry(redis_server: RedisServer) -> None:
-    store = RedisStore(redis_server.url)
+    store = RedisStore(redis_server.url, timeout=PATIENT)
     client = redis.Redis(port=redis_server.port, decode_responses=True)
     try:
         model = unique("m")
-        await store.check_limits([[Limit(f"model:{model}", rate=10.0, burst=5)]] * 5)
+        await store.check_limits([[Bucket(f"model:{model}", rate=10.0, burst=5)]] * 5)
         await store.put_key(a_key(unique("frank"), uuid.uuid4().hex))
         await store.heartbeat("layout", 1.0)
         assert all(key.startswith("gw:") for key in client.keys("*"))
@@ -287,18 +308,51 @@ async def test_redis_layout_prefix_and_expiry(redis_server: RedisServer) -> None
         client.close()
 
 
+async def test_key_records_on_redis_old_and_new(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url, timeout=PATIENT)
+    client = redis.Redis(port=redis_server.port, decode_responses=True)
+    try:
+        # Written by a gateway from before per-model limits: no "model_limits" field.
+        name, secret_hash = unique("ivan"), uuid.uuid4().hex
+        old = {"name": name, "secret_hash": secret_hash, "models": ["m"], "rate": 5.0, "burst": None}
+        old |= {
+            "expires_at": None,
+            "disabled": False,
+            "created_at": 1.7e9,
+            "created_by": "admin",
+            "extra": {},
+        }
+        client.hset(KEYS_BY_NAME, name, json.dumps(old))
+        client.hset(KEYS_BY_HASH, secret_hash, json.dumps(old))
+        found = await store.get_key(secret_hash)
+        assert found == KeyRecord(
+            name, secret_hash, models=("m",), rate=5.0, created_at=1.7e9, created_by="admin"
+        )
+        assert found.model_limits == {}
+
+        # What every gateway sharing the store reads: model -> {"rate": per second, "burst"}.
+        await store.put_key(dataclasses.replace(found, model_limits={"m": Limit(0.5, 2)}))
+        written = json.loads(client.hget(KEYS_BY_HASH, secret_hash) or "{}")
+        assert written["model_limits"] == {"m": {"rate": 0.5, "burst": 2}}
+        assert {k: v for k, v in written.items() if k != "model_limits"} == old
+        await store.delete_key(name)
+    finally:
+        await store.close()
+        client.close()
+
+
 @pytest.mark.parametrize("kind", ["password", "tls"])
 async def test_password_and_tls_urls(kind: str) -> None:
     server = RedisServer(password="s3cret/+@" if kind == "password" else None, tls=kind == "tls").start()
     try:
         url = server.url.replace("s3cret/+@", "s3cret%2F%2B%40")  # URL-quoted, as in a config file
-        store = RedisStore(url)
-        limit = Limit(unique("model:m"), rate=10.0, burst=2)
+        store = RedisStore(url, timeout=PATIENT)
+        limit = Bucket(unique("model:m"), rate=10.0, burst=2)
         assert [ok for ok, _ in await store.check_limits([[limit]] * 3)] == [True, True, False]
         await store.close()
         # A wrong password; or no CA given, so the self-signed certificate is not trusted.
         wrong = url.replace("s3cret", "wrong") if kind == "password" else url.split("?")[0]
-        store = RedisStore(wrong)
+        store = RedisStore(wrong, timeout=PATIENT)
         with pytest.raises(StoreUnavailable, match=r"password|AUTH|certificate"):
             await store.ping()
         await store.close()
@@ -308,10 +362,10 @@ async def test_password_and_tls_urls(kind: str) -> None:
 
 async def test_outage_fails_fast_and_recovers() -> None:
     server = RedisServer().start()  # its own server: this test stops it
-    store, other = RedisStore(server.url, timeout=0.25), RedisStore(server.url, timeout=0.25)
+    store, other = RedisStore(server.url, timeout=PATIENT), RedisStore(server.url, timeout=PATIENT)
     changes: list[str] = []
     stop = await store.watch_keys(changes.append)
-    limit = Limit(unique("model:m"), rate=1000.0, burst=1000)
+    limit = Bucket(unique("model:m"), rate=1000.0, burst=1000)
     record = a_key(unique("grace"), uuid.uuid4().hex)
     operations: dict[str, Callable[[], Awaitable[object]]] = {
         "check_limits": lambda: store.check_limits([[limit]]),

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import watch
-from gateway.watch import FileWatcher, content_digest
+from gateway.routing import watch
+from gateway.routing.watch import FileWatcher, content_digest
 
 INOTIFY_MAX_LATENCY = 0.9  # well under the 5 s poll interval, well over the 0.05 s debounce
 
@@ -301,7 +301,7 @@ async def test_falls_back_to_polling_when_inotify_fails(
     target = make_file(tmp_path / "routes.yaml", b"version: 1\n")
     calls = Calls()
     watcher = FileWatcher([target], calls, poll_interval=0.1)
-    with caplog.at_level(logging.WARNING, logger="gateway.watch"):
+    with caplog.at_level(logging.WARNING, logger="gateway.routing.watch"):
         await watcher.start()
     try:
         assert watcher.mode == "polling"

@@ -18,13 +18,26 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from gateway.rollout.engine import Observation, RolloutState, counts_of, decide, initial_state
-from gateway.stats import Stats, Totals
+from gateway.rollout.engine import Observation, counts_of, decide, initial_state
+from gateway.rollout.records import (
+    HistoryEvent,
+    Offset,
+    OperatorCommand,
+    RolloutRecord,
+    command_name,
+    read_command,
+    read_record,
+    record_name,
+    write_record,
+)
+from gateway.routing.table import Model, RouteTable
+from gateway.stats.counters import Stats, Totals
+from gateway.stats.records import ProcessStats
 from gateway.store.base import Store
-from gateway.table import Model, RouteTable
+from gateway.typed_json import RecordError, WarnOnce
 
 log = logging.getLogger("gateway.rollout")
 
@@ -43,27 +56,8 @@ def spec_digest(model: Model) -> str:
     return hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
 
 
-def record_name(model: str) -> str:
-    return f"rollout:{model}"
-
-
-def command_name(model: str) -> str:
-    """Operators' commands go to their own record: only the lease holder writes the rollout record."""
-    return f"rollout-command:{model}"
-
-
-def totals_json(totals: Totals) -> dict[str, Any]:
-    return {
-        "statuses": list(totals.statuses),
-        "outcomes": list(totals.outcomes),
-        "buckets": list(totals.buckets),
-        "latency_sum": totals.latency_sum,
-        "in_flight": 0,
-    }
-
-
-def merged(processes: list[dict[str, Any]], key: str) -> Totals:
-    return Totals.merge([p["versions"][key] for p in processes if key in p.get("versions", {})])
+def merged(processes: Sequence[ProcessStats], key: str) -> Totals:
+    return Totals.merge([p.versions[key] for p in processes if key in p.versions])
 
 
 def weights_of(model: Model, canary_weight: int) -> tuple[tuple[str, int], ...]:
@@ -76,29 +70,29 @@ def weights_of(model: Model, canary_weight: int) -> tuple[tuple[str, int], ...]:
     )
 
 
-def new_record(model: Model, now: float, processes: list[dict[str, Any]]) -> dict[str, Any]:
+def new_record(model: Model, now: float, processes: Sequence[ProcessStats]) -> RolloutRecord:
     rollout = model.rollout
     assert rollout is not None
     state = initial_state(rollout, now)
-    return {
-        "model": model.name,
-        "spec": spec_digest(model),
-        "baseline": rollout.baseline,
-        "canary": rollout.canary,
-        "state": state.to_json(),
-        "offset": {
-            "baseline": totals_json(merged(processes, f"{model.name}/{rollout.baseline}")),
-            "canary": totals_json(merged(processes, f"{model.name}/{rollout.canary}")),
-        },
-        "history": [{"time": now, "action": "start", "weight": state.weight, "by": "controller"}],
-        "evidence": {},
-        "updated": now,
-    }
+    return RolloutRecord(
+        model=model.name,
+        spec=spec_digest(model),
+        baseline=rollout.baseline,
+        canary=rollout.canary,
+        state=state,
+        offset=Offset.of(
+            merged(processes, f"{model.name}/{rollout.baseline}"),
+            merged(processes, f"{model.name}/{rollout.canary}"),
+        ),
+        history=(HistoryEvent(now, "start", state.weight, "controller"),),
+        evidence={},
+        updated=now,
+    )
 
 
-def operator_action(record: dict[str, Any], action: str, who: str, now: float) -> dict[str, Any]:
+def operator_action(record: RolloutRecord, action: str, who: str, now: float) -> RolloutRecord:
     """An operator's pause, resume, promote or rollback, applied to a stored record."""
-    state = RolloutState.from_json(record["state"])
+    state = record.state
     if state.phase in FINISHED:
         raise ValueError(f"the rollout is already {state.phase.replace('_', ' ')}")
     changes: dict[str, dict[str, Any]] = {
@@ -108,8 +102,8 @@ def operator_action(record: dict[str, Any], action: str, who: str, now: float) -
         "rollback": {"phase": "rolled_back", "weight": 0},
     }
     state = dataclasses.replace(state, **changes[action])
-    history = [*record["history"], {"time": now, "action": action, "weight": state.weight, "by": who}]
-    return {**record, "state": state.to_json(), "history": history[-HISTORY:], "updated": now}
+    history = (*record.history, HistoryEvent(now, action, state.weight, who))[-HISTORY:]
+    return dataclasses.replace(record, state=state, history=history, updated=now)
 
 
 class RolloutController:
@@ -127,9 +121,10 @@ class RolloutController:
         self.stats = stats
         self.ready = ready  # (model, version) -> does this process see it ready
         self.on_weights = on_weights
-        self.on_event = on_event  # every start and decision, for the audit log
+        self.on_event = on_event  # every start and decision (as JSON), for the audit log
         self.leader = False
-        self.records: dict[str, dict[str, Any]] = {}
+        self.records: dict[str, RolloutRecord] = {}
+        self._warned = WarnOnce()  # every process reads every record every second
 
     async def tick(self, table: RouteTable) -> None:
         """One round: publish, decide if leader, follow. Raises StoreUnavailable when the store is down."""
@@ -139,87 +134,106 @@ class RolloutController:
                 self.records = {}
                 self.on_weights({})
             return
-        published = self.stats.to_json()
-        await self.store.put_stats(self.process_id, {"versions": published["versions"]}, STATS_TTL)
+        published = ProcessStats(self.stats.snapshot().versions)
+        await self.store.put_stats(self.process_id, published.to_json(), STATS_TTL)
         self.leader = await self.store.lease(LEASE, self.process_id, LEASE_TTL)
         if self.leader:
-            processes = await self.store.get_stats()
+            processes = self._processes(await self.store.get_stats())
             for model in models:
                 await self._decide(model, processes)
         weights: Weights = {}
         records = {}
         for model in models:
-            record = await self.store.get_state(record_name(model.name))
-            if record is not None and record.get("spec") == spec_digest(model):
+            record = await self._record(model.name)
+            if record is not None and record.spec == spec_digest(model):
                 records[model.name] = record
-                weights[model.name] = weights_of(model, int(record["state"]["weight"]))
+                weights[model.name] = weights_of(model, record.state.weight)
         self.records = records
         self.on_weights(weights)
 
-    async def _decide(self, model: Model, processes: list[dict[str, Any]]) -> None:
+    def _processes(self, published: list[dict[str, Any]]) -> list[ProcessStats]:
+        processes = []
+        for data in published:
+            try:
+                processes.append(ProcessStats.from_json(data))
+            except RecordError as exc:
+                if self._warned.first("stats", str(exc)):
+                    log.warning("rollout control: ignoring a process's malformed statistics: %s", exc)
+        return processes
+
+    async def _record(self, model: str) -> RolloutRecord | None:
+        """The stored record; a malformed one counts as absent, so the leader starts afresh."""
+        try:
+            record = await read_record(self.store, model)
+        except RecordError as exc:
+            if self._warned.first(record_name(model), str(exc)):
+                log.warning(
+                    "rollout of %s: the stored record is unreadable, treated as absent: %s", model, exc
+                )
+            return None
+        self._warned.forget(record_name(model))
+        return record
+
+    async def _command(self, model: str) -> OperatorCommand | None:
+        try:
+            command = await read_command(self.store, model)
+        except RecordError as exc:
+            if self._warned.first(command_name(model), str(exc)):
+                log.warning("rollout of %s: ignoring an unreadable operator command: %s", model, exc)
+            return None
+        self._warned.forget(command_name(model))
+        return command
+
+    async def _decide(self, model: Model, processes: list[ProcessStats]) -> None:
         rollout = model.rollout
         assert rollout is not None
         now = time.time()
-        record = await self.store.get_state(record_name(model.name))
-        if record is None or record.get("spec") != spec_digest(model):
+        record = await self._record(model.name)
+        if record is None or record.spec != spec_digest(model):
             record = new_record(model, now, processes)
             log.info(
                 "rollout of %s %s -> %s started at %d%%",
                 model.name,
                 rollout.baseline,
                 rollout.canary,
-                record["state"]["weight"],
+                record.state.weight,
             )
-            await self.store.put_state(record_name(model.name), record)
-            self.on_event(model.name, record["history"][-1])
+            await write_record(self.store, record)
+            self.on_event(model.name, record.history[-1].to_json())
             return
-        command = await self.store.get_state(command_name(model.name))
-        if command is not None and command.get("id") != record.get("last_command"):
+        command = await self._command(model.name)
+        if command is not None and command.id != record.last_command:
             try:
-                record = operator_action(record, command["action"], command["who"], now)
-                log.warning("rollout of %s: %s by %s", model.name, command["action"], command["who"])
+                record = operator_action(record, command.action, command.who, now)
+                log.warning("rollout of %s: %s by %s", model.name, command.action, command.who)
             except ValueError as exc:
                 log.warning(
-                    "rollout of %s: %s by %s ignored: %s", model.name, command["action"], command["who"], exc
+                    "rollout of %s: %s by %s ignored: %s", model.name, command.action, command.who, exc
                 )
-            record["last_command"] = command.get("id")
-            await self.store.put_state(record_name(model.name), record)
+            await write_record(self.store, dataclasses.replace(record, last_command=command.id))
             return
-        state = RolloutState.from_json(record["state"])
+        state = record.state
         if state.phase in FINISHED:
             return
         base_key, canary_key = f"{model.name}/{rollout.baseline}", f"{model.name}/{rollout.canary}"
         baseline, canary = merged(processes, base_key), merged(processes, canary_key)
-        offset = record["offset"]
         consecutive = max(
-            (
-                p["versions"][canary_key].get("consecutive_failures", 0)
-                for p in processes
-                if canary_key in p["versions"]
-            ),
+            (p.versions[canary_key].consecutive_failures for p in processes if canary_key in p.versions),
             default=0,
         )
         observation = Observation(
-            counts_of(baseline.minus(Totals.merge([offset["baseline"]]))),
-            counts_of(canary.minus(Totals.merge([offset["canary"]]))),
+            counts_of(baseline.minus(record.offset.baseline)),
+            counts_of(canary.minus(record.offset.canary)),
             self.ready(model.name, rollout.canary),
             consecutive,
             now,
         )
         state, decision = decide(rollout, state, observation)
-        record = {**record, "state": state.to_json(), "evidence": decision.evidence, "updated": now}
-        if decision.action == "step_up":
-            record["offset"] = {"baseline": totals_json(baseline), "canary": totals_json(canary)}
+        history = record.history
         if decision.action != "continue":
-            event = {
-                "time": now,
-                "action": decision.action,
-                "weight": decision.weight,
-                "by": "controller",
-                "evidence": decision.evidence,
-            }
-            record["history"] = [*record["history"], event][-HISTORY:]
-            self.on_event(model.name, event)
+            event = HistoryEvent(now, decision.action, decision.weight, "controller", decision.evidence)
+            history = (*history, event)[-HISTORY:]
+            self.on_event(model.name, event.to_json())
             log.warning(
                 "rollout of %s: %s to %d%%: %s",
                 model.name,
@@ -227,4 +241,12 @@ class RolloutController:
                 decision.weight,
                 decision.evidence.get("reason", ""),
             )
-        await self.store.put_state(record_name(model.name), record)
+        record = dataclasses.replace(
+            record,
+            state=state,
+            offset=Offset.of(baseline, canary) if decision.action == "step_up" else record.offset,
+            history=history,
+            evidence=decision.evidence,
+            updated=now,
+        )
+        await write_record(self.store, record)

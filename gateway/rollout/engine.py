@@ -36,16 +36,16 @@ from gateway.rollout.sequential import (
     no_worse,
     slower_than,
 )
-from gateway.stats import LATENCY_BUCKETS, Totals
-from gateway.table import Rollout
+from gateway.routing.table import DEFAULT_MIN_STEP_DURATION, DEFAULT_MIN_STEP_REQUESTS, Rollout
+from gateway.stats.counters import LATENCY_BUCKETS, Totals
 
 Phase = Literal["progressing", "paused", "promoted", "rolled_back"]
 Action = Literal["continue", "step_up", "promote", "rollback"]
 
 CONSECUTIVE_FAILURE_LIMIT = 20  # at 1% errors, 20 in a row happens once in 10^40 requests
 # Defaults of Rollout.min_step_duration and min_step_requests (routes.yaml may set them per rollout).
-MIN_STEP_SECONDS = 30.0  # a step is held at least this long before stepping up
-MIN_CANARY_REQUESTS = 200  # and serves at least this many canary requests
+MIN_STEP_SECONDS = DEFAULT_MIN_STEP_DURATION  # a step is held at least this long before stepping up
+MIN_CANARY_REQUESTS = DEFAULT_MIN_STEP_REQUESTS  # and serves at least this many canary requests
 FINISHED: tuple[Phase, ...] = ("promoted", "rolled_back")
 
 

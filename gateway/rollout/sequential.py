@@ -47,7 +47,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway.stats import LATENCY_BUCKETS
+from gateway.stats.counters import LATENCY_BUCKETS
 
 BUCKETS = len(LATENCY_BUCKETS) + 1  # bucket counts per version; the last bucket is +Inf
 

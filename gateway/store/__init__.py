@@ -4,6 +4,7 @@ One interface (`Store`), two implementations: Redis for production (`gateway.sto
 memory for a single process (`gateway.store.memory`). `open_store(url)` picks by URL scheme.
 """
 
-from gateway.store.base import KeyRecord, Store, StoreUnavailable, open_store
+from gateway.store.base import KeyRecord, Store, StoreUnavailable
+from gateway.store.factory import open_store
 
 __all__ = ["KeyRecord", "Store", "StoreUnavailable", "open_store"]

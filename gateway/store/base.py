@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from gateway.ratelimit import Limit, Verdict
+from gateway.routing.table import Limit
+from gateway.store.gcra import Bucket, Verdict
 
 
 class StoreUnavailable(Exception):
@@ -26,6 +27,9 @@ class KeyRecord:
     disabled: bool = False
     created_at: float = 0.0
     created_by: str = ""
+    # Model name -> this key's limit on that model alone (the "keymodel" scope), on top of its own limit;
+    # burst is always set (the admin API fills in the default). No entry: no per-model limit.
+    model_limits: Mapping[str, Limit] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -37,7 +41,7 @@ class Store(Protocol):
 
     url: str
 
-    async def check_limits(self, requests: Sequence[Sequence[Limit]]) -> list[tuple[bool, list[Verdict]]]:
+    async def check_limits(self, requests: Sequence[Sequence[Bucket]]) -> list[tuple[bool, list[Verdict]]]:
         """One all-or-nothing decision per request (each a sequence of limits); one round trip for all."""
         ...
 
@@ -91,17 +95,3 @@ def redacted(url: str) -> str:
     scheme, _, rest = url.partition("://")
     netloc, slash, path = rest.partition("/")
     return f"{scheme}://{netloc.rpartition('@')[2]}{slash}{path}"
-
-
-def open_store(url: str, timeout: float = 0.08) -> Store:
-    """The store for a URL: memory:// or redis://, rediss://, redis+sentinel://, redis+cluster://."""
-    scheme = url.partition("://")[0].lower()
-    if scheme == "memory":
-        from gateway.store.memory import MemoryStore
-
-        return MemoryStore(url)
-    if scheme in ("redis", "rediss", "redis+sentinel", "redis+cluster"):
-        from gateway.store.redis import RedisStore
-
-        return RedisStore(url, timeout=timeout)
-    raise ValueError(f"unsupported store URL scheme {scheme!r}")

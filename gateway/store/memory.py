@@ -8,8 +8,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from gateway.ratelimit import Limit, Verdict, check_all
 from gateway.store.base import KeyRecord, Revoked
+from gateway.store.gcra import Bucket, Verdict, check_all
 
 
 class MemoryStore:
@@ -22,7 +22,7 @@ class MemoryStore:
         self._leases: dict[str, tuple[str, float]] = {}  # name -> (holder, expiry)
         self._states: dict[str, str] = {}
 
-    async def check_limits(self, requests: Sequence[Sequence[Limit]]) -> list[tuple[bool, list[Verdict]]]:
+    async def check_limits(self, requests: Sequence[Sequence[Bucket]]) -> list[tuple[bool, list[Verdict]]]:
         now = time.time()
         decisions = []
         for limits in requests:

@@ -19,14 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import functools
-import hashlib
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
@@ -40,95 +36,40 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
-from gateway.ratelimit import Limit, Verdict, check_all
+from gateway.routing.table import DEFAULT_STORE_TIMEOUT
 from gateway.store.base import KeyRecord, Revoked, StoreUnavailable, redacted
+from gateway.store.gcra import Bucket, Verdict, check_all
+from gateway.store.redis_layout import (
+    CHANNEL,
+    DELETE_KEY,
+    GCRA,
+    HEARTBEAT,
+    HEARTBEATS,
+    KEYS_BY_HASH,
+    KEYS_BY_NAME,
+    LEASE,
+    PUT_KEY,
+    REFUND,
+    STATS,
+    Script,
+    bucket_key,
+    dump_record,
+    load_record,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-Decision = tuple[bool, list[Verdict]]
+LimitAnswer = tuple[bool, list[Verdict]]
 Pending = tuple[
-    Sequence[Sequence[Limit]], "asyncio.Future[list[Decision]]"
+    Sequence[Sequence[Bucket]], "asyncio.Future[list[LimitAnswer]]"
 ]  # a caller's requests, its answer
 
-CHANNEL = "gw:keys"  # carries the old secret hash of a changed or deleted key
-KEYS_BY_NAME = "gw:{keys}:by_name"  # name -> record JSON
-KEYS_BY_HASH = "gw:{keys}:by_hash"  # secret hash -> record JSON; same slot, so both change in one script
-HEARTBEATS = "gw:{hb}:processes"  # process id, scored by when its heartbeat expires
-STATS = "gw:{stats}:processes"  # process id -> {"expires", "stats"}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Script:
-    source: str
-
-    @functools.cached_property
-    def sha(self) -> str:
-        return hashlib.sha1(self.source.encode()).hexdigest()
-
-
-GCRA = _Script((Path(__file__).parent / "gcra.lua").read_text())
-
-# Give back one interval per charged bucket (KEYS may repeat). A TAT below `now` means "full", so taking an
-# interval off one that was charged from empty is exact too.
-REFUND = _Script("""
-for i, key in ipairs(KEYS) do
-  local tat = redis.call('GET', key)
-  if tat then
-    redis.call('SET', key, string.format('%.17g', tonumber(tat) - tonumber(ARGV[i])), 'KEEPTTL')
-  end
-end""")
-
-PUT_KEY = _Script("""
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if old then redis.call('HDEL', KEYS[2], cjson.decode(old).secret_hash) end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-if old then redis.call('PUBLISH', ARGV[4], cjson.decode(old).secret_hash) end
-return old""")
-
-DELETE_KEY = _Script("""
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if not old then return false end
-local secret_hash = cjson.decode(old).secret_hash
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], secret_hash)
-redis.call('PUBLISH', ARGV[2], secret_hash)
-return old""")
-
-# Take the lease if free, renew it if ours; one round trip, atomic (SET NX PX alone cannot renew).
-LEASE = _Script("""
-local holder = redis.call('GET', KEYS[1])
-if holder == false then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-elseif holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-""")
-HEARTBEAT = _Script("""
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.17g', now))
-redis.call('ZADD', KEYS[1], string.format('%.17g', now + tonumber(ARGV[2])), ARGV[1])
-local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[1], string.format('%d', math.ceil(tonumber(last[2]) * 1000) + 1))
-return redis.call('ZCARD', KEYS[1])""")
-
-
-@functools.lru_cache(maxsize=65536)
-def bucket_key(bucket: str) -> str:
-    """The Redis key of a bucket. The hash tag puts a key's own buckets ("key:N", "key:N:model:M") in one
-    slot and a model's ("model:M...") in another; any other bucket (e.g. by client address) gets its own."""
-    kind, _, rest = bucket.partition(":")
-    if kind == "key":
-        tag = "k:" + rest.split(":model:", 1)[0]
-    elif kind == "model":
-        tag = "m:" + rest.split(":", 1)[0]
-    else:
-        tag = "b:" + bucket
-    return f"gw:{{{tag}}}:rl:{bucket}"
+# Not derived from `timeout`, which is a deadline per store call: the key-change subscription is one long
+# wait. A read waits up to NOTICE_POLL for a notice before it pings instead; a peer that has answered
+# nothing, not even those pings, for NOTICE_SILENCE (a partition, a hung server) is dropped and the
+# subscription made anew. Several polls long, so one slow ping does not cost a resubscription.
+NOTICE_POLL = 1.0  # seconds
+NOTICE_SILENCE = 3.0  # seconds
 
 
 def _split_hosts(url: str, default_port: int) -> tuple[str | None, str | None, list[tuple[str, int]], str]:
@@ -145,19 +86,8 @@ def _split_hosts(url: str, default_port: int) -> tuple[str | None, str | None, l
     return unquote(username) or None, unquote(password) or None, nodes, path
 
 
-def _dump(record: KeyRecord) -> str:
-    return json.dumps(dataclasses.asdict(record), separators=(",", ":"))
-
-
-def _load(raw: str) -> KeyRecord:
-    known = {f.name for f in dataclasses.fields(KeyRecord)}  # ignore fields a newer gateway may add
-    data = {name: value for name, value in json.loads(raw).items() if name in known}
-    data["models"] = tuple(data.get("models", ()))
-    return KeyRecord(**data)
-
-
 class RedisStore:
-    def __init__(self, url: str, timeout: float = 0.25) -> None:
+    def __init__(self, url: str, timeout: float = DEFAULT_STORE_TIMEOUT) -> None:
         self.url = url
         self._timeout = timeout
         self._where = redacted(url)  # for messages: no password
@@ -204,11 +134,11 @@ class RedisStore:
 
     # ---- rate limits ----
 
-    async def check_limits(self, requests: Sequence[Sequence[Limit]]) -> list[Decision]:
+    async def check_limits(self, requests: Sequence[Sequence[Bucket]]) -> list[LimitAnswer]:
         if not requests:
             return []
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Decision]] = loop.create_future()
+        future: asyncio.Future[list[LimitAnswer]] = loop.create_future()
         if not self._pending:  # the first call of this tick schedules the flush; later ones ride along
             loop.call_soon(self._flush)
         self._pending.append((requests, future))
@@ -238,10 +168,10 @@ class RedisStore:
                 future.set_result(decisions[start : start + len(requests)])
             start += len(requests)
 
-    async def _decide(self, flat: list[Sequence[Limit]]) -> list[Decision]:
+    async def _decide(self, flat: list[Sequence[Bucket]]) -> list[LimitAnswer]:
         verdicts: list[list[Verdict | None]] = [[None] * len(limits) for limits in flat]
         admitted = [True] * len(flat)
-        charged: list[list[Limit]] = [[] for _ in flat]
+        charged: list[list[Bucket]] = [[] for _ in flat]
         plans = [self._slot_groups(limits) for limits in flat]  # one group outside a cluster
         for phase in range(max(map(len, plans), default=0)):
             by_slot: dict[int, list[tuple[int, list[int]]]] = {}  # slot -> [(request, limit indexes)]
@@ -271,7 +201,7 @@ class RedisStore:
     def _slot(self, bucket: str) -> int:
         return key_slot(bucket_key(bucket).encode()) if self._cluster else 0
 
-    def _slot_groups(self, limits: Sequence[Limit]) -> list[tuple[int, list[int]]]:
+    def _slot_groups(self, limits: Sequence[Bucket]) -> list[tuple[int, list[int]]]:
         """(slot, indexes of `limits` in it), in the order of each group's first limit."""
         groups: dict[int, list[int]] = {}
         for i, limit in enumerate(limits):
@@ -283,7 +213,7 @@ class RedisStore:
         """Await calls concurrently (one per slot); a lone call (always, outside a cluster) without a task."""
         return [await calls[0]] if len(calls) == 1 else list(await asyncio.gather(*calls))
 
-    async def _gcra(self, requests: list[list[Limit]]) -> list[Decision]:
+    async def _gcra(self, requests: list[list[Bucket]]) -> list[LimitAnswer]:
         """One script call deciding `requests` (all their buckets in one slot), in order."""
         keys: dict[str, int] = {}
         args: list[str | int] = [len(requests)]
@@ -302,8 +232,8 @@ class RedisStore:
             pos += 1 + len(limits)
         return decisions
 
-    async def _refund(self, limits: list[Limit]) -> None:
-        by_slot: dict[int, list[Limit]] = {}
+    async def _refund(self, limits: list[Bucket]) -> None:
+        by_slot: dict[int, list[Bucket]] = {}
         for limit in limits:
             by_slot.setdefault(self._slot(limit.bucket), []).append(limit)
         keys_and_intervals = [
@@ -315,21 +245,21 @@ class RedisStore:
 
     async def get_key(self, secret_hash: str) -> KeyRecord | None:
         raw = await self._guard("get_key", self._client.execute_command("HGET", KEYS_BY_HASH, secret_hash))
-        return _load(raw) if raw else None
+        return load_record(raw) if raw else None
 
     async def put_key(self, record: KeyRecord) -> None:
-        args = [record.name, record.secret_hash, _dump(record), CHANNEL]
+        args = [record.name, record.secret_hash, dump_record(record), CHANNEL]
         await self._guard("put_key", self._eval(PUT_KEY, [KEYS_BY_NAME, KEYS_BY_HASH], args))
 
     async def list_keys(self) -> list[KeyRecord]:
         raws = await self._guard("list_keys", self._client.execute_command("HVALS", KEYS_BY_NAME))
-        return sorted((_load(raw) for raw in raws), key=lambda k: k.name)
+        return sorted((load_record(raw) for raw in raws), key=lambda k: k.name)
 
     async def delete_key(self, name: str) -> KeyRecord | None:
         raw = await self._guard(
             "delete_key", self._eval(DELETE_KEY, [KEYS_BY_NAME, KEYS_BY_HASH], [name, CHANNEL])
         )
-        return _load(raw) if raw else None
+        return load_record(raw) if raw else None
 
     async def watch_keys(self, on_change: Revoked) -> Callable[[], Awaitable[None]]:
         """Subscribes in the background; returns once subscribed or after a first failed try (it keeps
@@ -361,13 +291,13 @@ class RedisStore:
                 ready.set()
                 heard = loop.time()
                 while True:
-                    message = await pubsub.get_message(timeout=1.0)
+                    message = await pubsub.get_message(timeout=NOTICE_POLL)
                     if message is not None:
                         heard = loop.time()
                         if message["type"] == "message":
                             self._notify(on_change, message["data"])
-                    elif loop.time() - heard > 3.0:  # a silent peer (partition, hung server): start over
-                        raise RedisConnectionError("no answer to PING for 3 s")
+                    elif loop.time() - heard > NOTICE_SILENCE:  # a partition, a hung server: start over
+                        raise RedisConnectionError(f"no answer to PING for {NOTICE_SILENCE:g} s")
                     else:
                         await pubsub.ping()
             except Exception as exc:  # whatever it was, this loop must go on
@@ -385,7 +315,10 @@ class RedisStore:
     @staticmethod
     async def _subscribe(pubsub: Any) -> None:
         await pubsub.subscribe(CHANNEL)
-        while (message := await pubsub.get_message(timeout=1.0)) is None or message["type"] != "subscribe":
+        # The caller bounds the whole wait by the store timeout; this only sets how often it polls.
+        while (message := await pubsub.get_message(timeout=NOTICE_POLL)) is None or message[
+            "type"
+        ] != "subscribe":
             pass
 
     @staticmethod
@@ -457,7 +390,7 @@ class RedisStore:
 
     # ---- plumbing ----
 
-    async def _eval(self, script: _Script, keys: list[str], args: Sequence[str | int]) -> Any:
+    async def _eval(self, script: Script, keys: list[str], args: Sequence[str | int]) -> Any:
         try:
             return await self._client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:  # first use on this server, or it restarted: EVAL runs it and caches it

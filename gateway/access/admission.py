@@ -1,0 +1,282 @@
+"""Admission: who is calling (API key), may they call this model, and are they within their limits.
+
+It runs between "which model" and "which version": 401 no or bad key, 403 key not allowed for this
+model, 429 over a limit (with Retry-After), 503 when the store cannot answer and `store.on_error` is
+fail_closed. With fail_open, limits are enforced in this process alone, each at its share of the rate
+(the rate divided by the number of live gateway processes, known from heartbeats while the store was up).
+
+A request that needs no key and meets no limit is admitted synchronously, at no cost. Otherwise the
+decision takes at most one store round trip, shared with the other requests of the same moment.
+
+What applies to a model (`AccessPolicy`) is built once per routing snapshot; per request only the key
+record varies, and the `RateLimit-Policy` header of each distinct set of limits is built once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gateway.access import keys
+from gateway.routing.table import Limit, Model, RouteTable
+from gateway.store.base import KeyRecord, Store, StoreUnavailable, redacted
+from gateway.store.gcra import Bucket, Verdict
+from gateway.store.memory import MemoryStore
+from gateway.wire.headers import Headers
+
+log = logging.getLogger("gateway.access.admission")
+
+HEARTBEAT_INTERVAL = 1.0
+HEARTBEAT_TTL = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionDecision:
+    status: int  # 0 when admitted
+    message: str = ""
+    headers: Headers = field(default_factory=list)  # rate-limit headers, on admitted and refused answers
+    key_name: str = ""  # the caller, for metrics and logs ("" anonymous)
+
+
+ADMITTED = AdmissionDecision(0)
+Continue = Callable[[AdmissionDecision], None]
+Failed = Callable[[BaseException], None]  # a bug while deciding: the caller must still get an answer
+
+
+class Caller(Protocol):
+    """What admission reads of a request, whichever front door it came through."""
+
+    @property
+    def client(self) -> str: ...
+
+    def header(self, name: bytes) -> bytes | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AccessPolicy:
+    """Which admission checks apply to one model; built once per routing snapshot."""
+
+    model: str
+    key_required: bool
+    default_limit: Limit | None  # for keys without their own, and for anonymous callers
+    model_bucket: Bucket | None  # the model's own limit, all callers together
+
+    @property
+    def needed(self) -> bool:
+        return self.key_required or self.default_limit is not None or self.model_bucket is not None
+
+
+def access_policy(table: RouteTable, model: Model) -> AccessPolicy:
+    limit = model.limit
+    bucket = Bucket(f"model:{model.name}", limit.rate, limit.burst) if limit is not None else None
+    return AccessPolicy(model.name, table.keys.required, table.keys.default_limit, bucket)
+
+
+@dataclass
+class AdmissionStats:
+    """Outcomes by (key name, model, outcome); never the secret."""
+
+    outcomes: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    store_errors: int = 0
+    fail_open: int = 0
+    fail_closed: int = 0
+
+    def count(self, key: str, model: str, outcome: str) -> None:
+        slot = (key, model, outcome)
+        self.outcomes[slot] = self.outcomes.get(slot, 0) + 1
+
+
+_POLICIES: dict[tuple[Bucket, ...], bytes] = {}
+MAX_POLICIES = 4096  # distinct limit sets remembered; beyond that the cache starts again
+
+
+def policy_header(limits: tuple[Bucket, ...]) -> bytes:
+    """The RateLimit-Policy value for a set of limits, built once per distinct set."""
+    value = _POLICIES.get(limits)
+    if value is None:
+        policies = []
+        for limit in limits:
+            window = max(1, math.ceil(limit.burst / limit.rate))
+            policies.append(f'"{_policy_name(limit.bucket)}";q={limit.burst};w={window}')
+        value = ", ".join(policies).encode()
+        if len(_POLICIES) >= MAX_POLICIES:
+            _POLICIES.clear()
+        _POLICIES[limits] = value
+    return value
+
+
+def rate_limit_headers(limits: list[Bucket], verdicts: list[Verdict]) -> Headers:
+    """RateLimit-Policy and RateLimit (IETF httpapi draft): every policy, and the tightest one's state."""
+    tightest = min(range(len(limits)), key=lambda i: verdicts[i].remaining)
+    verdict = verdicts[tightest]
+    state = (
+        f'"{_policy_name(limits[tightest].bucket)}";r={verdict.remaining};t={math.ceil(verdict.reset_after)}'
+    )
+    return [(b"ratelimit-policy", policy_header(tuple(limits))), (b"ratelimit", state.encode())]
+
+
+def _policy_name(bucket: str) -> str:
+    kind = bucket.split(":", 1)[0]  # "key", "model", "client"
+    return "keymodel" if kind == "key" and ":model:" in bucket else kind
+
+
+def limits_for(policy: AccessPolicy, record: KeyRecord | None, client: str) -> list[Bucket]:
+    """Every limit that applies to one request, in a fixed order."""
+    limits = []
+    default = policy.default_limit
+    model = policy.model
+    if record is not None:
+        if record.rate is not None:
+            limits.append(
+                Bucket(f"key:{record.name}", record.rate, record.burst or max(1, math.ceil(record.rate)))
+            )
+        elif default is not None:
+            limits.append(Bucket(f"key:{record.name}", default.rate, default.burst))
+        per_model = record.model_limits.get(model)
+        if per_model is not None:
+            # In the key's hash slot on Redis Cluster (see store.redis_layout.bucket_key).
+            limits.append(Bucket(f"key:{record.name}:model:{model}", per_model.rate, per_model.burst))
+    elif default is not None:
+        limits.append(Bucket(f"client:{client}", default.rate, default.burst))
+    if policy.model_bucket is not None:
+        limits.append(policy.model_bucket)
+    return limits
+
+
+class Admission:
+    def __init__(self, store: Store, on_error: str) -> None:
+        self.store = store
+        self.on_error = on_error
+        self.cache = keys.KeyCache(store)
+        self.stats = AdmissionStats()
+        self.store_up = True
+        self.live_processes = 1
+        self._local = MemoryStore()  # fail_open's per-process buckets
+        self.process_id = f"{os.uname().nodename}:{os.getpid()}"
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.cache.start()
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+
+    async def stop(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        await self.cache.stop()
+        await self.store.close()
+
+    def admit(self, policy: AccessPolicy, caller: Caller, then: Continue, failed: Failed) -> None:
+        """Decide, then call `then(decision)`: now if no store is needed, else after one round trip.
+
+        If deciding raises after the first await, `failed(exc)` is called instead, so that no request
+        waits forever on a task that died.
+        """
+        secret = keys.secret_from_headers(caller.header(b"authorization"), caller.header(b"x-api-key"))
+        if secret is None:
+            if policy.key_required:
+                self.stats.count("", policy.model, "no_key")
+                then(AdmissionDecision(401, keys.KEY_REQUIRED.message))
+                return
+            self._limit(policy, None, caller.client, then, failed)
+            return
+        secret_hash = keys.hash_secret(secret)
+        cached = self.cache.peek(secret_hash)
+        if cached is not keys.MISSING:
+            self._authorized(policy, cached, caller.client, then, failed)
+            return
+        self._spawn(self._lookup_then(policy, secret_hash, caller.client, then, failed), failed)
+
+    async def _lookup_then(
+        self, policy: AccessPolicy, secret_hash: str, client: str, then: Continue, failed: Failed
+    ) -> None:
+        try:
+            record = await self.cache.lookup(secret_hash)
+        except StoreUnavailable as exc:
+            self._store_failed(exc)
+            self.stats.count("", policy.model, "store_unavailable")
+            then(AdmissionDecision(503, "cannot check the API key now: the key store is unavailable"))
+            return
+        self._authorized(policy, record, client, then, failed)
+
+    def _authorized(
+        self, policy: AccessPolicy, record: KeyRecord | None, client: str, then: Continue, failed: Failed
+    ) -> None:
+        denial = keys.authorize(record, policy.model, time.time())
+        if denial is not None:
+            name = record.name if record is not None else ""
+            self.stats.count(name, policy.model, f"denied_{denial.reason}")
+            then(AdmissionDecision(denial.status, denial.message, key_name=name))
+            return
+        self._limit(policy, record, client, then, failed)
+
+    def _limit(
+        self, policy: AccessPolicy, record: KeyRecord | None, client: str, then: Continue, failed: Failed
+    ) -> None:
+        name = record.name if record is not None else ""
+        limits = limits_for(policy, record, client)
+        if not limits:
+            self.stats.count(name, policy.model, "admitted")
+            then(AdmissionDecision(0, key_name=name))
+            return
+        self._spawn(self._check(limits, name, policy.model, then), failed)
+
+    async def _check(self, limits: list[Bucket], name: str, model: str, then: Continue) -> None:
+        try:
+            [(admitted, verdicts)] = await self.store.check_limits([limits])
+            self.store_up = True
+        except StoreUnavailable as exc:
+            self._store_failed(exc)
+            if self.on_error != "fail_open":
+                self.stats.fail_closed += 1
+                self.stats.count(name, model, "store_unavailable")
+                then(AdmissionDecision(503, "rate limits cannot be checked now: the store is unavailable"))
+                return
+            self.stats.fail_open += 1
+            share = max(1, self.live_processes)
+            local = [Bucket(lim.bucket, lim.rate / share, max(1, lim.burst // share)) for lim in limits]
+            [(admitted, verdicts)] = await self._local.check_limits([local])
+            limits = local
+        headers = rate_limit_headers(limits, verdicts)
+        if admitted:
+            self.stats.count(name, model, "admitted")
+            then(AdmissionDecision(0, headers=headers, key_name=name))
+            return
+        retry = max(1, math.ceil(max(v.retry_after for v in verdicts)))
+        headers.append((b"retry-after", str(retry).encode()))
+        self.stats.count(name, model, "limited")
+        then(AdmissionDecision(429, f"rate limited; retry after {retry}s", headers, name))
+
+    def _store_failed(self, exc: Exception) -> None:
+        self.stats.store_errors += 1
+        if self.store_up:
+            log.error("store %s unavailable (%s); on_error=%s", redacted(self.store.url), exc, self.on_error)
+        self.store_up = False
+
+    async def _beat(self) -> None:
+        while True:
+            try:
+                self.live_processes = await self.store.heartbeat(self.process_id, HEARTBEAT_TTL)
+                if not self.store_up:
+                    log.info("store %s is back", redacted(self.store.url))
+                self.store_up = True
+            except StoreUnavailable as exc:
+                self._store_failed(exc)
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], failed: Failed) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                failed(task.exception() or RuntimeError("admission failed"))
+
+        task.add_done_callback(done)

@@ -1,0 +1,272 @@
+"""One gateway worker process: the data plane, plus what keeps its routing current.
+
+The worker watches routes.yaml and the operators' overrides file, reloads on a content change or on
+SIGHUP, runs the backend health checks, and publishes a snapshot of its state and statistics about once
+a second (and right after each reload) for the control plane to read. A file that fails validation
+changes nothing: the last good table keeps serving, and the errors are logged and published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.access.admission import Admission
+from gateway.pipeline.flow import Pipeline
+from gateway.pipeline.http import HttpFrontDoor
+from gateway.pipeline.metadata import Metadata
+from gateway.rollout.controller import RolloutController, Weights
+from gateway.routing import config
+from gateway.routing.health import Health, HealthChecker
+from gateway.routing.table import RouteTable, model_digest
+from gateway.routing.watch import FileWatcher
+from gateway.state import files as snapshots
+from gateway.state import records
+from gateway.stats.counters import Stats
+from gateway.store import Store, StoreUnavailable, open_store
+from gateway.store.base import redacted
+from gateway.wire.deadlines import Deadlines, resolution_for
+from gateway.wire.http_server import ClientConnection
+
+log = logging.getLogger("gateway.app.worker")
+
+PUBLISH_INTERVAL = 1.0
+RELOAD_HISTORY = 50
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    config: str
+    state_dir: Path
+    index: int = 0
+    shutdown_timeout: float = 30.0
+    stats: bool = True
+
+
+class Worker:
+    def __init__(self, table: RouteTable, options: WorkerOptions, store: Store | None = None) -> None:
+        self.options = options
+        self.loop = asyncio.get_running_loop()
+        self.stats = Stats(enabled=options.stats)
+        # The store is opened once: a reload that changes store.url takes effect at the next restart.
+        self.store = store if store is not None else open_store(table.store.url, table.store.timeout)
+        self.admission = Admission(self.store, table.store.on_error)
+        self.pipeline = Pipeline(table, self.loop, self.stats, self.admission)
+        self._rollout_weights: Weights = {}
+        self.rollouts = RolloutController(
+            self.store,
+            self.admission.process_id,
+            self.stats,
+            self._version_ready,
+            self._follow_rollouts,
+            self._audit_rollout,
+        )
+        self.health = HealthChecker(self._apply_routing)
+        self.health.set_table(table)
+        self.front_door = HttpFrontDoor(
+            self.pipeline, Metadata(lambda: self.pipeline.snapshot, self.health.settled)
+        )
+        settings = table.server
+        resolution = resolution_for(
+            settings.header_timeout, settings.body_timeout, settings.keepalive_timeout
+        )
+        self.connections: Deadlines[ClientConnection] = Deadlines(self.loop, resolution)
+        self.reloads: deque[records.ReloadEvent] = deque(maxlen=RELOAD_HISTORY)
+        self.reload_counts = {"ok": 0, "failed": 0}
+        self.started = time.time()
+        self._stop = asyncio.Event()
+        self._watcher = FileWatcher(
+            [options.config, options.state_dir / snapshots.OVERRIDES], self._on_file_change
+        )
+        self._record_reload("start", table, [], 0.0)
+
+    def connection(self) -> ClientConnection:
+        """A protocol for a new client connection, with the current table's server limits."""
+        return ClientConnection(self.front_door, self.table.server, self.connections)
+
+    @property
+    def table(self) -> RouteTable:
+        """The table the data plane serves now."""
+        return self.pipeline.snapshot.table
+
+    async def run(self, servers: list[asyncio.AbstractServer]) -> None:
+        """Serve until SIGTERM or SIGINT, then stop accepting and let requests in flight finish."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(signum, self._stop.set)
+        self.loop.add_signal_handler(signal.SIGHUP, lambda: self.reload("signal"))
+        await self._watcher.start()
+        await self.admission.start()
+        self._apply_routing()
+        self.health.start()
+        publisher = self.loop.create_task(self._publish_forever())
+        controller = self.loop.create_task(self._control_forever())
+        await self._stop.wait()
+
+        log.info("shutting down: %d open connection(s)", len(self.connections))
+        for server in servers:
+            server.close()
+        for conn in self.connections:
+            conn.shutdown()
+        deadline = self.loop.time() + self.options.shutdown_timeout
+        while len(self.connections) and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if len(self.connections):
+            log.warning(
+                "%d connection(s) still busy after %gs; closing",
+                len(self.connections),
+                self.options.shutdown_timeout,
+            )
+        self._watcher.stop()
+        publisher.cancel()
+        controller.cancel()
+        self.publish()
+        self.connections.close()
+        await self.health.stop()
+        await self.admission.stop()
+        await self.front_door.close()
+
+    # -- reload ------------------------------------------------------------------------------------
+
+    def reload(self, trigger: str) -> bool:
+        """Load the file again; swap the table if it validates, keep the old one if not."""
+        started = time.perf_counter()
+        try:
+            table = config.load_table(self.options.config)
+        except config.ConfigError as exc:
+            errors = [str(issue) for issue in exc.issues]
+            for error in errors:
+                log.error("reload refused, still serving revision %s: %s", self.table.revision[:12], error)
+            self._record_reload(trigger, None, errors, time.perf_counter() - started)
+            self.publish()
+            return False
+        if table.store.url != self.table.store.url:
+            log.warning("store.url changed in %s; it takes effect at the next restart", self.options.config)
+        self.admission.on_error = table.store.on_error
+        self.pipeline.set_table(table)
+        self.health.set_table(table)
+        self._apply_routing()
+        self._record_reload(trigger, table, [], time.perf_counter() - started)
+        log.info("reloaded %s (%s): revision %s", self.options.config, trigger, table.revision[:12])
+        self.publish()
+        self.loop.create_task(self.health.check_now())  # new versions get checked now, not in 2 s
+        return True
+
+    def _on_file_change(self, path: str) -> None:
+        if path == str(self.options.state_dir / snapshots.OVERRIDES):
+            self._apply_routing()
+            self.publish()
+        else:
+            self.reload("file")
+
+    def _record_reload(
+        self, trigger: str, table: RouteTable | None, errors: list[str], seconds: float
+    ) -> None:
+        ok = table is not None
+        self.reload_counts["ok" if ok else "failed"] += 1
+        revision = table.revision if table is not None else None
+        self.reloads.append(
+            records.ReloadEvent(time.time(), ok, revision, trigger, tuple(errors), round(seconds * 1000, 3))
+        )
+
+    def _version_ready(self, model: str, version: str) -> bool:
+        health = self.health.versions.get((model, version))
+        return health is None or health.ready  # not checked yet is not evidence of anything
+
+    def _audit_rollout(self, model: str, event: dict[str, Any]) -> None:
+        details = {"model": model, "weight": event["weight"]}
+        reason = event.get("evidence", {}).get("reason")
+        if reason:
+            details["reason"] = reason
+        snapshots.append_audit(self.options.state_dir, "controller", f"rollout.{event['action']}", details)
+
+    def _follow_rollouts(self, weights: Weights) -> None:
+        if weights != self._rollout_weights:
+            self._rollout_weights = weights
+            self._apply_routing()
+
+    async def _control_forever(self) -> None:
+        down = False
+        while True:
+            try:
+                await self.rollouts.tick(self.table)
+                down = False
+            except StoreUnavailable as exc:
+                if not down:
+                    log.error("rollout control paused, the store is unavailable: %s", exc)
+                down = True
+            except Exception:  # a bug in one round must not end rollout control for good
+                log.exception("rollout control round failed")
+            await asyncio.sleep(1.0)
+
+    def _apply_routing(self) -> None:
+        """Re-derive every model's live weights from the table, rollouts, operators' overrides and readiness.
+
+        An operator's override wins over a rollout's weights, which win over the file's split.
+        """
+        table = self.table
+        overrides = {name: w for name, w in self._rollout_weights.items() if name in table.models}
+        for name, override in snapshots.read_overrides(self.options.state_dir).items():
+            model = table.models.get(name)
+            if model is not None and override.model_digest == model_digest(model):
+                overrides[name] = override.weights  # an override lapses once the file changes the model
+        self.pipeline.set_routing(overrides, dict(self.health.versions))
+
+    # -- publishing --------------------------------------------------------------------------------
+
+    def snapshot(self) -> records.WorkerSnapshot:
+        snapshot, admission, mirrors = self.pipeline.snapshot, self.admission, self.front_door.mirrors
+
+        def health(h: Health) -> records.HealthEntry:
+            return records.HealthEntry(h.ready, h.detail, h.checked_at)
+
+        return records.WorkerSnapshot(
+            pid=os.getpid(),
+            worker=self.options.index,
+            started=self.started,
+            time=time.time(),
+            revision=snapshot.table.revision,
+            source=self.options.config,
+            reloads=tuple(self.reloads),
+            reload_counts=records.ReloadCounts(self.reload_counts["ok"], self.reload_counts["failed"]),
+            health=records.HealthView(
+                {name: health(h) for name, h in self.health.backends.items()},
+                {f"{m}/{v}": health(h) for (m, v), h in self.health.versions.items()},
+            ),
+            splits={name: dict(snapshot.split_of(name)) for name in snapshot.table.models},
+            stats=self.stats.snapshot(),
+            mirrors=records.Mirrors(mirrors.in_flight, mirrors.skipped),
+            connections=len(self.connections),
+            admission=records.AdmissionView(
+                store_url=redacted(self.store.url),
+                store_up=admission.store_up,
+                on_error=admission.on_error,
+                live_processes=admission.live_processes,
+                store_errors=admission.stats.store_errors,
+                fail_open=admission.stats.fail_open,
+                fail_closed=admission.stats.fail_closed,
+                outcomes=tuple(
+                    records.AdmissionOutcome(key, model, outcome, n)
+                    for (key, model, outcome), n in admission.stats.outcomes.items()
+                ),
+            ),
+            rollouts=records.RolloutsView(self.rollouts.leader, dict(self.rollouts.records)),
+            internal_errors=self.front_door.internal_errors,
+        )
+
+    def publish(self) -> None:
+        try:
+            snapshots.write_snapshot(self.options.state_dir, self.snapshot())
+        except OSError as exc:
+            log.warning("cannot write the worker snapshot: %s", exc)
+
+    async def _publish_forever(self) -> None:
+        while True:
+            self.publish()
+            await asyncio.sleep(PUBLISH_INTERVAL)

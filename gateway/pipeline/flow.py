@@ -1,0 +1,143 @@
+"""The pipeline: runs the steps of steps.py against one routing snapshot, for any front door.
+
+A front door calls `plan` once a request's head is in. The steps that need only the head run then:
+target, key, model, admission (which may wait on the store) and version choice. `then` receives either
+a `Plan` (where to forward, and what to add to the answer) or a `Refusal`, exactly once. If a step
+raises, `crashed` receives the exception instead; a front door answers 500 or aborts, and nothing else
+is touched.
+
+The pipeline also owns what outlives a snapshot: the upstream pools (kept across snapshots while a
+backend's settings stay the same) and the inputs a new snapshot is built from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.access.admission import ADMITTED, Admission, AdmissionDecision, Caller
+from gateway.pipeline import steps
+from gateway.pipeline.errors import Refusal
+from gateway.pipeline.snapshot import (
+    HealthMap,
+    ModelRoute,
+    RoutingSnapshot,
+    VersionRoute,
+    Weights,
+    build_snapshot,
+)
+from gateway.routing.decisions import Target
+from gateway.routing.table import RouteTable
+from gateway.stats.counters import Stats
+from gateway.wire.headers import Headers
+from gateway.wire.upstream import Pool
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A request that passed every head step: where it goes and what its answer carries."""
+
+    version: VersionRoute
+    shadow: VersionRoute | None
+    headers: Headers | None  # rate-limit headers from admission
+    key_name: str
+
+
+Planned = Callable[[Plan | Refusal], None]
+Crashed = Callable[[BaseException], None]
+
+
+class Pipeline:
+    def __init__(
+        self,
+        table: RouteTable,
+        loop: asyncio.AbstractEventLoop,
+        stats: Stats | None = None,
+        admission: Admission | None = None,
+    ) -> None:
+        self.loop = loop
+        self.stats = stats or Stats()
+        self.admission = admission
+        self._pools: dict[str, Pool] = {}
+        self._overrides: Weights = {}
+        self._health: HealthMap = {}
+        self.snapshot: RoutingSnapshot
+        self.set_table(table)
+
+    # -- building snapshots (reload, health flips, overrides, rollout steps) ------------------------
+
+    def set_table(self, table: RouteTable) -> None:
+        """Serve a new table; requests in flight finish on the snapshot (and pools) they started on."""
+        pools = {}
+        for name, backend in table.backends.items():
+            pool = self._pools.get(name)
+            pools[name] = pool if pool is not None and pool.backend == backend else Pool(backend, self.loop)
+        for name, pool in self._pools.items():
+            if pools.get(name) is not pool:
+                pool.close()
+        self._pools = pools
+        self.snapshot = self._rebuild(table)
+
+    def set_routing(self, overrides: Weights | None = None, health: HealthMap | None = None) -> None:
+        """New live weights (rollouts and operators' overrides) or readiness: a new snapshot."""
+        if overrides is not None:
+            self._overrides = overrides
+        if health is not None:
+            self._health = health
+        self.snapshot = self._rebuild(self.snapshot.table)
+
+    def _rebuild(self, table: RouteTable) -> RoutingSnapshot:
+        return build_snapshot(table, self._pools, self.stats, self._overrides, self._health)
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+
+    # -- the head steps ----------------------------------------------------------------------------
+
+    def plan(
+        self, snapshot: RoutingSnapshot, target: Target, caller: Caller, then: Planned, crashed: Crashed
+    ) -> None:
+        """Run the head steps for an inference request; `then` gets the plan or the refusal."""
+        refusal = steps.require_key(snapshot, caller)
+        if refusal is not None:
+            then(refusal)
+            return
+        route = steps.find_model(snapshot, target)
+        if isinstance(route, Refusal):
+            then(route)
+            return
+        admission = self.admission
+        if admission is None or not route.access.needed:
+            self._choose(snapshot, route, target.version, caller, ADMITTED, then)
+            return
+
+        def admitted(decision: AdmissionDecision) -> None:
+            # Possibly later, from the store's answer: the exception boundary for what follows.
+            try:
+                self._choose(snapshot, route, target.version, caller, decision, then)
+            except Exception as exc:
+                crashed(exc)
+
+        admission.admit(route.access, caller, admitted, crashed)
+
+    def _choose(
+        self,
+        snapshot: RoutingSnapshot,
+        route: ModelRoute,
+        pin: str,
+        caller: Caller,
+        decision: AdmissionDecision,
+        then: Planned,
+    ) -> None:
+        refusal = steps.admission_refusal(decision)
+        if refusal is not None:
+            then(refusal)
+            return
+        chosen = steps.choose_version(snapshot, route, pin, caller)
+        if isinstance(chosen, Refusal):
+            then(chosen)
+            return
+        shadow = steps.shadow_of(snapshot, route, chosen)
+        then(Plan(chosen, shadow, decision.headers or None, decision.key_name))
