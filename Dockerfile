@@ -13,7 +13,11 @@ FROM python:3.11-slim
 ENV PATH=/opt/gateway/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin gateway
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin gateway \
+    && install -d -m 700 -o gateway -g gateway /var/lib/gateway
+# The state directory (worker snapshots, overrides, audit log, generated admin token) must be the
+# gateway user's own; without a home, its default goes under XDG_STATE_HOME.
+ENV XDG_STATE_HOME=/var/lib/gateway
 COPY --from=build /opt/gateway /opt/gateway
 USER gateway
 # 8080: client traffic (KServe v2). 8081: admin API, metrics and dashboard; publish it only to trusted

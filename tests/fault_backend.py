@@ -16,6 +16,8 @@ The behaviour of inference requests is chosen by the Triton model name in the pa
 - `hang`: never answers
 - `hop`: 200 with hop-by-hop headers that a proxy must not pass on
 - `big`: 200 with as many bytes as the request body's decimal number says
+- `upgrade`: 101 Switching Protocols, as a backend that wants another protocol would
+- `afterbytes`: 200, then, a moment later, stray bytes on the now idle connection
 """
 
 from __future__ import annotations
@@ -98,6 +100,18 @@ async def _serve(received: Received, reader: asyncio.StreamReader, writer: async
                 writer.write(_ok(b"{}", extra))
             elif behaviour == "big":
                 writer.write(_ok(b"x" * int(body or b"0")))
+            elif behaviour == "upgrade":
+                writer.write(
+                    b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\nconnection: Upgrade\r\n\r\n"
+                )
+                await writer.drain()
+                await asyncio.sleep(1)
+                break
+            elif behaviour == "afterbytes":
+                writer.write(_ok(b"{}"))
+                await writer.drain()
+                await asyncio.sleep(0.2)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")  # answers nothing asked
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
         pass

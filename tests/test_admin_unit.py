@@ -106,6 +106,7 @@ def snapshot(pid: int) -> dict[str, Any]:
         },
         "rollouts": {"leader": pid == 101, "records": {}},
         "internal_errors": 0,
+        "audit_failures": 0,
     }
 
 
@@ -179,7 +180,8 @@ def served_routes(app: web.Application) -> set[tuple[str, str]]:
 
 
 def concrete(path: str) -> str:
-    return path.replace("{model}", FD).replace("{name}", "team-a").replace("{action}", "pause")
+    concrete = path.replace("{model}", FD).replace("{name}", "team-a").replace("{action}", "pause")
+    return concrete.replace("{version}", "2.1.3")
 
 
 # -- authentication ------------------------------------------------------------------------------
@@ -190,7 +192,7 @@ async def test_every_route_refuses_without_a_valid_token(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     routes = served_routes(api.app) | {("GET", "/no/such/route")}
-    assert len(routes) == 20  # 19 served, and one that is not
+    assert len(routes) == 24  # 23 served, and one that is not
     wrong = ["", "Bearer", "Bearer ", "Bearer nope", f"Basic {ALICE}", f"Bearer {ALICE}x", ALICE]
     for method, path in sorted(routes):
         async with api.client.request(method, concrete(path)) as response:

@@ -553,6 +553,8 @@ def test_the_defaults_the_reference_states_are_the_ones_a_file_gets() -> None:
         "backends.*.timeout": (units.duration, backend.timeout),
         "backends.*.connect_timeout": (units.duration, backend.connect_timeout),
         "backends.*.max_connections": (int, backend.max_connections),
+        "backends.*.queue_timeout": (units.duration, backend.queue_timeout),
+        "backends.*.max_queue": (int, backend.max_queue),
         "rollout.steps": (lambda t: tuple(json.loads(t)), rollout.steps),
         "rollout.max_error_rate_increase": (units.number, rollout.max_error_rate_increase),
         "rollout.max_latency_increase": (units.fraction_or_percent, rollout.max_latency_increase),

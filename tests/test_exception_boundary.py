@@ -24,10 +24,11 @@ from gateway.pipeline.flow import Pipeline
 from gateway.pipeline.http import HttpFrontDoor
 from gateway.pipeline.metadata import Metadata
 from gateway.routing.config import parse_table
-from gateway.stats.counters import Stats
+from gateway.stats.counters import Outcome, Stats
 from gateway.store.memory import MemoryStore
 from gateway.wire.deadlines import Deadlines
 from gateway.wire.http_server import ClientConnection
+from gateway.wire.request import BodyBudget
 
 ROUTES = """
 backends:
@@ -76,7 +77,7 @@ async def served(backend: FaultBackend) -> AsyncIterator[Served]:
     front = HttpFrontDoor(pipeline, Metadata(lambda: pipeline.snapshot, settled))
     connections: Deadlines[ClientConnection] = Deadlines(loop, 0.05)
     server = await loop.create_server(
-        lambda: ClientConnection(front, table.server, connections), "127.0.0.1", 0
+        lambda: ClientConnection(front, table.server, connections, BodyBudget(2**20)), "127.0.0.1", 0
     )
     yield Served(server.sockets[0].getsockname()[1], front, stats)
     server.close()
@@ -177,7 +178,8 @@ async def test_a_fault_in_any_step_answers_500_or_aborts_and_spares_other_connec
         assert "req-under-test" in logged[0].getMessage()
     # Never counted against the version: its failures stay at zero.
     counters = served.stats.versions[("echo", "1")]
-    assert counters.outcomes[2:] == [0, 0, 0]
+    failures = (Outcome.SERVER_ERROR, Outcome.TIMEOUT, Outcome.UPSTREAM_ERROR)
+    assert [counters.outcomes[outcome] for outcome in failures] == [0, 0, 0]
     assert counters.in_flight == 0
 
     monkeypatch.undo()

@@ -23,11 +23,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.access import keys
+from gateway.access.key_cache import MISSING, KeyCache
 from gateway.access.keys import (
     KEY_REQUIRED,
-    MISSING,
     Denial,
-    KeyCache,
     authorize,
     hash_secret,
     secret_from_headers,
@@ -320,12 +319,20 @@ async def test_a_cancelled_waiter_does_not_cancel_the_shared_lookup(
     assert first.cancelled() and cache.peek(key.secret_hash) == key
 
 
-async def test_cache_size_is_bounded() -> None:
-    cache = KeyCache(CountingMemoryStore(), max_entries=3)
-    for i in range(10):
+async def test_cache_size_is_bounded_and_unknown_hashes_cannot_push_keys_out() -> None:
+    store = CountingMemoryStore()
+    cache = KeyCache(store, max_entries=3, max_unknown=4)
+    real = [record(f"k{i}", f"gwk_{i}") for i in range(5)]
+    for key in real:
+        await store.put_key(key)
+        assert await cache.lookup(key.secret_hash) == key
+    assert len(cache) == 3  # the oldest keys went first
+    assert cache.peek(real[0].secret_hash) is MISSING and cache.peek(real[4].secret_hash) == real[4]
+    for i in range(100):
         assert await cache.lookup(f"h{i}") is None
-    assert len(cache) == 3
-    assert cache.peek("h9") is None and cache.peek("h0") is MISSING  # the oldest went first
+    assert len(cache) == 3 + 4
+    assert cache.peek("h99") is None and cache.peek("h0") is MISSING
+    assert [cache.peek(k.secret_hash) for k in real[2:]] == real[2:]  # every real key still cached
 
 
 # -- the admin routes ----------------------------------------------------------------------------
@@ -645,7 +652,7 @@ async def test_revocation_through_the_api_reaches_a_data_plane_cache(api: KeysAd
 
 def test_openapi_fragment_matches_the_routes_and_resolves() -> None:
     app = web.Application()
-    admin_keys.add_key_routes(app, MemoryStore(), Path("/nonexistent"))
+    admin_keys.add_key_routes(app, MemoryStore(), snapshots.AuditLog(Path("/nonexistent")))
     documented = {
         (method.upper(), path)
         for path, item in admin_keys.KEYS_OPENAPI_PATHS.items()

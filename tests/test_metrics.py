@@ -67,6 +67,7 @@ def worker(
     backends: dict[str, bool] | None = None,
     started: float = 1000.0,
     internal_errors: int = 0,
+    audit_failures: int = 0,
 ) -> dict[str, Any]:
     return {
         "pid": pid,
@@ -100,6 +101,7 @@ def worker(
         },
         "rollouts": {"leader": False, "records": {}},
         "internal_errors": internal_errors,
+        "audit_failures": audit_failures,
     }
 
 
@@ -167,6 +169,7 @@ def fleet() -> list[dict[str, Any]]:
         ready={f"{FD}/2.1.3": False},
         started=10.0,
         internal_errors=1,
+        audit_failures=2,
     )
     return [a, b, gone]
 
@@ -186,6 +189,7 @@ def test_request_counts_add_up_exactly_across_workers(fleet: list[dict[str, Any]
     assert unrouted[frozenset({("code", "5xx")})] == 1
     assert value(samples, "gateway_mirror_skipped_total") == 6  # dead worker's skips happened too
     assert value(samples, "gateway_internal_errors_total") == 3  # and its internal errors too
+    assert value(samples, "gateway_audit_write_failures_total") == 2  # and its lost audit lines
 
 
 def test_histogram_is_cumulative_and_matches_count(fleet: list[dict[str, Any]]) -> None:

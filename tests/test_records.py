@@ -26,7 +26,6 @@ from gateway.rollout.controller import RolloutController, operator_action, spec_
 from gateway.rollout.engine import RolloutState
 from gateway.rollout.records import (
     HistoryEvent,
-    Offset,
     OperatorCommand,
     RolloutRecord,
     command_name,
@@ -38,10 +37,11 @@ from gateway.rollout.sequential import TestStats as SequentialTests  # not a pyt
 from gateway.routing import config
 from gateway.state import files as snapshots
 from gateway.state.records import ReloadEvent, WorkerSnapshot
-from gateway.stats.counters import LATENCY_BUCKETS, Outcome, Stats, Totals
-from gateway.stats.records import ProcessStats, VersionStats
+from gateway.stats.accounting import Ledger, Reading
+from gateway.stats.counters import LATENCY_BUCKETS, Choice, Outcome, Stats, Totals
+from gateway.stats.records import ProcessStats, Tally, VersionStats
 from gateway.store.memory import MemoryStore
-from gateway.typed_json import RecordError, parse_json
+from gateway.typed_json import Fields, RecordError, parse_json
 
 FD = "fraud-detector"
 TOKEN = "s3cret-records-token"
@@ -65,14 +65,16 @@ store: {url: "memory://"}
 def rollout_record() -> RolloutRecord:
     seen = Counts(40, 2, (1, 3) + (0,) * (BUCKETS - 2))
     state = RolloutState("paused", 1, 50, 100.5, seen, Counts(), SequentialTests(latency_bound=7))
-    offset = Totals.merge([VersionStats((0, 5, 0, 0, 1), (5, 0, 1, 0, 0), (2, 4), 0.25, 0, 0)])
+    tally = Tally((5, 0, 1, 0, 0, 2), (2, 4) + (0,) * (BUCKETS - 2), 0.25)
+    ledger = Ledger.begin(90.0).take(91.0, [Reading("host:7:ab", 80.0, {"2.1.3/split": tally})])
     return RolloutRecord(
         model=FD,
         spec="0123456789abcdef",
+        id="5eed5eed5eed5eed",
         baseline="2.1.3",
         canary="2.2.0",
         state=state,
-        offset=Offset(offset, Totals.merge([])),
+        ledger=ledger.take(92.0, [Reading("host:8:cd", 91.5, {"2.2.0/pinned": tally})]),
         history=(
             HistoryEvent(90.0, "start", 10, "controller"),
             HistoryEvent(100.5, "step_up", 50, "controller", {"reason": "no worse", "n": [1, 2]}),
@@ -120,6 +122,13 @@ def snapshot_json(pid: int, *, at: float | None = None) -> dict[str, Any]:
         },
         "rollouts": {"leader": True, "records": {FD: rollout_record().to_json()}},
         "internal_errors": 0,
+        "audit_failures": 0,
+        "schema_gate": {
+            "held": {FD: "schema gate: fraud-detector 2.9.0 cannot take the traffic of 2.1.3 ..."},
+            "recent": [{"time": now, "model": FD, "version": "2.9.0", "where": "rollout", "message": "..."}],
+            "refused": {f"{FD}/2.9.0/rollout": 1},
+            "allowed": {},
+        },
     }
 
 
@@ -146,21 +155,31 @@ def test_stats_round_trip_from_live_counters() -> None:
     stats = Stats()
     stats.counters(FD, "2.1.3").record(200, Outcome.OK, 0.004)
     stats.counters(FD, "2.1.3").record(503, Outcome.SERVER_ERROR, 0.2)
+    stats.counters(FD, "2.1.3").record(400, Outcome.CLIENT_ERROR, 0.001, Choice.PINNED)
+    stats.counters(FD, "2.1.3").record(200, Outcome.OK, 0.003, Choice.SHADOW)
     stats.unrouted[3] += 2
     published = stats.snapshot()
     assert stats.to_json() == published.to_json()
-    store_payload = ProcessStats(published.versions)
+    store_payload = ProcessStats("host:1:ab", 12.5, published.versions)
     assert ProcessStats.from_json(through_json(store_payload.to_json())) == store_payload
     counters = ProcessStats.from_json(through_json(store_payload.to_json())).versions[f"{FD}/2.1.3"]
-    assert counters.consecutive_failures == 1 and counters.statuses == (0, 1, 0, 0, 1)
-    assert Totals.merge([counters, counters]).requests == 4
+    assert counters.consecutive_failures == 1 and counters.statuses == (0, 1, 0, 1, 1)  # not the shadow
+    assert Totals.merge([counters, counters]).requests == 6
+    split, pinned, shadow = counters.tally("split"), counters.tally("pinned"), counters.tally("shadow")
+    assert (split.requests, split.failures, split.caller_faults) == (2, 1, 0)
+    assert (pinned.requests, pinned.caller_faults, sum(pinned.buckets)) == (0, 1, 0)  # no latency either
+    assert (shadow.requests, sum(shadow.buckets)) == (1, 1)
+    merged = Totals.merge([counters, counters])
+    assert merged.choices[Choice.SPLIT].requests == 4 and merged.choices[Choice.PINNED].caller_faults == 2
+    older = {k: v for k, v in counters.to_json().items() if k != "choices"}  # an older release's record
+    assert VersionStats.read(Fields(older, "stats")).tally("split") == Tally()  # no evidence from it
 
 
 def test_totals_merge_pads_and_cuts_lists_of_another_release() -> None:
     short = VersionStats((1,), (2, 1), (3,), 1.5, 2, 0)
     long = VersionStats((1,) * 9, (1,) * 9, (1,) * (BUCKETS + 3), 0.5, 1, 0)
     totals = Totals.merge([short, long])
-    assert totals.statuses == (2, 1, 1, 1, 1) and totals.outcomes == (3, 2, 1, 1, 1)
+    assert totals.statuses == (2, 1, 1, 1, 1) and totals.outcomes == (3, 2, 1, 1, 1, 1)
     assert len(totals.buckets) == BUCKETS and totals.buckets[0] == 4
     assert (totals.latency_sum, totals.in_flight) == (2.0, 3)
 
@@ -282,8 +301,10 @@ def test_malformed_commands_are_rejected(change: Callable[[Any], None], match: s
     [
         _set(("history", 1, "evidence"), "a string"),
         _set(("history", 0, "weight"), 10.5),
-        _set(("offset", "baseline", "latency_sum"), "0.25"),
-        _set(("offset", "canary")),
+        _set(("ledger", "totals", "2.2.0/pinned", "latency_sum"), "0.25"),
+        _set(("ledger", "marks", "host:8:cd", "started")),
+        _set(("ledger", "totals", "2.2.0/pinned", "outcomes", 0), -1),
+        _set(("ledger",)),
         _set(("evidence",), None),
         _set(("updated",)),
         _set(("last_command",), "1234"),
@@ -474,7 +495,7 @@ async def test_controller_treats_a_malformed_record_as_absent(
     stored = await read_record(store, FD)
     assert stored is not None and stored.state.phase == "progressing"
 
-    await store.put_state(command_name(FD), OperatorCommand(42, "pause", "alice").to_json())
+    await store.put_state(command_name(FD), OperatorCommand(42, "pause", "alice", stored.id).to_json())
     await controller.tick(table)
     paused = await read_record(store, FD)
     assert paused is not None and paused.state.phase == "paused" and paused.last_command == 42

@@ -431,3 +431,40 @@ async def test_outage_fails_fast_and_recovers() -> None:
         await store.close()
         await other.close()
         server.cleanup()
+
+
+# ---- leases, fenced state, statistics on the store's clock (the rollout controller's) ----
+
+
+@pytest.mark.parametrize("two_stores", ALL, indirect=True)
+async def test_lease_fencing_token_refuses_a_stale_holders_write(two_stores: tuple[Store, Store]) -> None:
+    one, other = two_stores
+    lease, name = unique("lease"), unique("rollout:fenced")
+    first = await one.lease(lease, "a", 0.3)
+    assert first > 0 and await other.lease(lease, "b", 0.3) == 0
+    assert await one.lease(lease, "a", 0.3) == first, "a renewal keeps the token"
+    assert await one.put_state_fenced(name, {"by": "a"}, lease, first)
+    await asyncio.sleep(0.45)  # "a" stalls past its lease
+    second = await other.lease(lease, "b", 5.0)
+    assert second > first
+    assert not await one.put_state_fenced(name, {"by": "a, stale"}, lease, first)
+    assert await one.get_state(name) == {"by": "a"}
+    assert await one.lease(lease, "a", 0.3) == 0
+    assert await other.put_state_fenced(name, {"by": "b"}, lease, second)
+    assert await one.get_state(name) == {"by": "b"}
+    assert not await one.put_state_fenced(name, {"by": "nobody"}, unique("never-held"), second)
+
+
+@pytest.mark.parametrize("store", ALL, indirect=True)
+async def test_stats_expire_on_the_store_clock(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    process = unique("process")
+    if store.url != "memory://":  # a writer whose clock is an hour ahead changes nothing: Redis's TIME rules
+        skewed = time.time() + 3600.0
+        monkeypatch.setattr(time, "time", lambda: skewed)
+    await store.put_stats(process, {"process": process, "n": 1}, 0.3)
+    monkeypatch.undo()
+    published = await store.get_stats()
+    assert {"process": process, "n": 1} in published.stats
+    assert abs(published.now - await store.time()) < 1.0
+    await asyncio.sleep(0.45)
+    assert {"process": process, "n": 1} not in (await store.get_stats()).stats

@@ -6,7 +6,9 @@ fail_closed. With fail_open, limits are enforced in this process alone, each at 
 (the rate divided by the number of live gateway processes, known from heartbeats while the store was up).
 
 A request that needs no key and meets no limit is admitted synchronously, at no cost. Otherwise the
-decision takes at most one store round trip, shared with the other requests of the same moment.
+decision takes at most one store round trip, shared with the other requests of the same moment. A key
+the cache does not know is looked up only within the lookup budget (`gateway.access.key_cache`), so
+made-up keys are answered without the store once a client or the process has spent its budget.
 
 What applies to a model (`AccessPolicy`) is built once per routing snapshot; per request only the key
 record varies, and the `RateLimit-Policy` header of each distinct set of limits is built once.
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway.access import keys
+from gateway.access.key_cache import MISSING, KeyCache
 from gateway.routing.table import Limit, Model, RouteTable
 from gateway.store.base import KeyRecord, Store, StoreUnavailable, redacted
 from gateway.store.gcra import Bucket, Verdict
@@ -45,6 +48,7 @@ class AdmissionDecision:
 
 
 ADMITTED = AdmissionDecision(0)
+_LOOKUPS_BUSY = "cannot check the API key now: too many unknown keys are being tried; retry in a second"
 Continue = Callable[[AdmissionDecision], None]
 Failed = Callable[[BaseException], None]  # a bug while deciding: the caller must still get an answer
 
@@ -66,6 +70,7 @@ class AccessPolicy:
     key_required: bool
     default_limit: Limit | None  # for keys without their own, and for anonymous callers
     model_bucket: Bucket | None  # the model's own limit, all callers together
+    limited: bool = True  # False: who may call (key, model allowed), not how often (metadata reads)
 
     @property
     def needed(self) -> bool:
@@ -153,7 +158,7 @@ class Admission:
     def __init__(self, store: Store, on_error: str) -> None:
         self.store = store
         self.on_error = on_error
-        self.cache = keys.KeyCache(store)
+        self.cache = KeyCache(store)
         self.stats = AdmissionStats()
         self.store_up = True
         self.live_processes = 1
@@ -188,8 +193,17 @@ class Admission:
             return
         secret_hash = keys.hash_secret(secret)
         cached = self.cache.peek(secret_hash)
-        if cached is not keys.MISSING:
+        if cached is not MISSING:
             self._authorized(policy, cached, caller.client, then, failed)
+            return
+        spent = self.cache.over_budget(secret_hash, caller.client)
+        if spent is not None:
+            # A flood of made-up keys: answered without the store, so it costs the store nothing more.
+            self.stats.count("", policy.model, f"lookup_throttled_{spent}")
+            if spent == "client":
+                then(AdmissionDecision(401, keys.UNKNOWN_KEY.message))
+            else:  # every client together: this one may well hold a real key, so it should retry
+                then(AdmissionDecision(503, _LOOKUPS_BUSY, [(b"retry-after", b"1")]))
             return
         self._spawn(self._lookup_then(policy, secret_hash, caller.client, then, failed), failed)
 
@@ -220,7 +234,7 @@ class Admission:
         self, policy: AccessPolicy, record: KeyRecord | None, client: str, then: Continue, failed: Failed
     ) -> None:
         name = record.name if record is not None else ""
-        limits = limits_for(policy, record, client)
+        limits = limits_for(policy, record, client) if policy.limited else []
         if not limits:
             self.stats.count(name, policy.model, "admitted")
             then(AdmissionDecision(0, key_name=name))

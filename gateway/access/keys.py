@@ -1,5 +1,5 @@
-"""API keys: the secret a client sends, the settings an operator gives a key, the per-process cache of
-key records, and the decision whether a request may pass.
+"""API keys: the secret a client sends, the settings an operator gives a key, and the decision whether
+a request may pass (the per-process cache of key records is `gateway.access.key_cache`).
 
 A key is a random secret that only its holder knows; the store keeps its SHA-256 (`hash_secret`), never
 the secret. Because the secret has 256 bits of entropy, a plain hash is enough: there is nothing to
@@ -7,34 +7,29 @@ brute-force, so a slow password hash would only cost latency. Looking the hash u
 against timing attacks: what a lookup's timing could reveal is a prefix of the *hash* of a guess, and
 that says nothing about which secret would produce a wanted hash.
 
-Hot path: `secret_from_headers` -> `hash_secret` -> `KeyCache.peek` (a dict lookup, no await) and,
-only on a cache miss, `await KeyCache.lookup` -> `authorize`. Nothing here logs or echoes a secret;
-where a key must be named, it is by its record's name.
+Hot path: `secret_from_headers` -> `hash_secret` -> `KeyCache.peek` (`gateway.access.key_cache`: a
+dict lookup, no await) and, only on a cache miss, `await KeyCache.lookup` -> `authorize`. Nothing here
+logs or echoes a secret; where a key must be named, it is by its record's name.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import enum
 import hashlib
 import math
 import re
 import secrets
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from gateway.routing import units as config_units
 from gateway.routing.table import Limit, default_burst
-from gateway.store.base import KeyRecord, Store, StoreUnavailable
+from gateway.store.base import KeyRecord
 
 SECRET_PREFIX = "gwk_"  # makes leaked keys easy to spot (and to scan for) in code and logs
 MAX_SECRET_LENGTH = 256  # ours are 47 characters; anything far longer is not a key of ours
 # Visible ASCII only (0x21-0x7e): no spaces, controls or bytes that would need a decoding guess.
 _SECRET = re.compile(rb"[\x21-\x7e]{1,%d}" % MAX_SECRET_LENGTH)
-ALL_KEYS: Final = "*"  # the hash an invalidation carries when every cached entry may be stale
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _DAYS = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*d")
@@ -249,7 +244,7 @@ class Denial:
 KEY_REQUIRED: Final = Denial(
     401, "missing", "an API key is required: send Authorization: Bearer <key> or X-API-Key: <key>"
 )
-_UNKNOWN: Final = Denial(401, "unknown", "the API key is not valid")
+UNKNOWN_KEY: Final = Denial(401, "unknown", "the API key is not valid")
 
 
 def authorize(record: KeyRecord | None, model: str, now: float) -> Denial | None:
@@ -259,7 +254,7 @@ def authorize(record: KeyRecord | None, model: str, now: float) -> Denial | None
     key. 403 for a good key used on a model it is not allowed: the key is fine, the request is not.
     """
     if record is None:
-        return _UNKNOWN
+        return UNKNOWN_KEY
     if record.expires_at is not None and now >= record.expires_at:
         return Denial(401, "expired", f"API key {record.name!r} has expired")
     if record.disabled:
@@ -267,135 +262,3 @@ def authorize(record: KeyRecord | None, model: str, now: float) -> Denial | None
     if record.models and model not in record.models:
         return Denial(403, "model", f"API key {record.name!r} may not call model {model!r}")
     return None
-
-
-# -- the per-process cache -----------------------------------------------------------------------
-
-
-class _Missing(enum.Enum):
-    MISSING = "MISSING"
-
-
-MISSING: Final = _Missing.MISSING  # what `peek` says when the cache knows nothing about a hash
-Cached = KeyRecord | None | Literal[_Missing.MISSING]
-
-
-class KeyCache:
-    """Key records by secret hash, in front of a store, so most requests never wait for the store.
-
-    Found keys are kept `ttl` seconds, unknown hashes `negative_ttl` seconds: short, so that a key
-    created a moment ago works within that time, yet long enough that a client retrying a bad key in
-    a loop costs the store one lookup per `negative_ttl`, not one per request. Changes do not wait for
-    the TTL: `start()` subscribes to the store's key changes, and each change drops that hash here (the
-    store sends "*" when it may have missed changes, e.g. after a reconnect, and everything is dropped).
-    The TTL is the backstop if a change notice is lost anyway.
-
-    Lookups of one hash that overlap share one store call. If an invalidation arrives while a store call
-    is in flight, its answer is handed to the waiting requests (it was current when they arrived) but
-    not cached, because it may predate the change.
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        ttl: float = 30.0,
-        negative_ttl: float = 1.0,
-        max_entries: int = 100_000,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.store = store
-        self.ttl = ttl
-        self.negative_ttl = negative_ttl
-        self.max_entries = max_entries
-        self._clock = clock
-        # hash -> (record or None, monotonic time it goes stale); insertion order is age order.
-        self._entries: dict[str, tuple[KeyRecord | None, float]] = {}
-        self._stale: dict[str, KeyRecord] = {}  # expired records, for when the store is unreachable
-        self._inflight: dict[str, asyncio.Task[KeyRecord | None]] = {}
-        self._generation = 0  # bumped by every invalidation, to spot answers that may predate one
-        self._stop_watch: Callable[[], Awaitable[None]] | None = None
-        self.store_lookups = 0  # how often the store was asked: for metrics and tests
-
-    async def start(self) -> None:
-        """Follow the store's key changes (call once, from the event loop that serves requests)."""
-        if self._stop_watch is None:
-            self._stop_watch = await self.store.watch_keys(self.invalidate)
-            # Anything cached before the subscription may have changed unseen.
-            self.invalidate(ALL_KEYS)
-
-    async def stop(self) -> None:
-        if self._stop_watch is not None:
-            stop, self._stop_watch = self._stop_watch, None
-            await stop()
-
-    def peek(self, secret_hash: str) -> Cached:
-        """The cached answer without waiting: a record, None (known not to exist), or MISSING."""
-        entry = self._entries.get(secret_hash)
-        if entry is None:
-            return MISSING
-        if self._clock() >= entry[1]:
-            del self._entries[secret_hash]
-            if entry[0] is not None:
-                self._stale[secret_hash] = entry[0]
-                while len(self._stale) > self.max_entries:
-                    del self._stale[next(iter(self._stale))]
-            return MISSING
-        return entry[0]
-
-    async def lookup(self, secret_hash: str) -> KeyRecord | None:
-        """The record for a hash, from the cache or else from the store (StoreUnavailable propagates,
-        to every request waiting on the same call, and nothing is cached)."""
-        cached = self.peek(secret_hash)
-        if cached is not MISSING:
-            return cached
-        task = self._inflight.get(secret_hash)
-        if task is None:
-            # A task of its own, so one cancelled request cannot cancel the lookup the others share;
-            # the dict holds it (asyncio keeps only weak references to tasks) until it is done.
-            task = asyncio.get_running_loop().create_task(self._fetch(secret_hash))
-            self._inflight[secret_hash] = task
-        # shield: a waiter cancelled (client gone) leaves the shared lookup running for the others.
-        return await asyncio.shield(task)
-
-    async def _fetch(self, secret_hash: str) -> KeyRecord | None:
-        generation = self._generation
-        self.store_lookups += 1
-        try:
-            record = await self.store.get_key(secret_hash)
-        except StoreUnavailable:
-            # While the store is down, a key that was valid a moment ago stays valid: serving it is
-            # what fail_open means for keys. It is not cached again, so the store is asked next time.
-            stale = self._stale.get(secret_hash)
-            if stale is not None:
-                return stale
-            raise
-        finally:
-            del self._inflight[secret_hash]
-        self._stale.pop(secret_hash, None)
-        if generation == self._generation:
-            self._remember(secret_hash, record)
-        return record
-
-    def _remember(self, secret_hash: str, record: KeyRecord | None) -> None:
-        self._entries.pop(secret_hash, None)  # re-inserted at the end: the dict stays in age order
-        while len(self._entries) >= self.max_entries:
-            # Full (a flood of random keys, say): drop the oldest, in O(1), rather than scan for the
-            # stale; the oldest are the likeliest to be stale anyway, and a dropped key is just looked
-            # up again.
-            del self._entries[next(iter(self._entries))]
-        ttl = self.ttl if record is not None else self.negative_ttl
-        self._entries[secret_hash] = (record, self._clock() + ttl)
-
-    def invalidate(self, secret_hash: str) -> None:
-        """Forget one hash, or everything for "*"; what the store's change notices call."""
-        self._generation += 1
-        if secret_hash == ALL_KEYS:
-            # Stale entries survive a blanket flush (sent after a reconnect, when notices may be lost):
-            # they are only ever used while the store cannot be asked.
-            self._entries.clear()
-        else:
-            self._entries.pop(secret_hash, None)
-            self._stale.pop(secret_hash, None)  # a revocation notice: never serve this one again
-
-    def __len__(self) -> int:
-        return len(self._entries)

@@ -26,6 +26,7 @@ from gateway.admin.control_plane import ControlPlane, OverrideError
 from gateway.admin.keys import add_key_routes
 from gateway.admin.openapi import OPENAPI
 from gateway.admin.rollouts import add_rollout_routes
+from gateway.admin.versions import add_version_routes
 from gateway.store.base import Store
 
 log = logging.getLogger("gateway.admin.app")
@@ -207,6 +208,8 @@ def status_view(plane: ControlPlane) -> dict[str, Any]:
         "in_sync": bool(served) and routes["revision"] is not None and served <= {routes["revision"]},
         "worker_revisions": routes["worker_revisions"],
         "workers": {"alive": len(live), "gone": len(workers) - len(live)},
+        "worker_restarts": plane.restarts_view(),
+        "audit_write_failures": plane.audit_log.failures + sum(w.audit_failures for w in workers),
         "models": models,
         "last_reload_error": plane.reloads_view()["last_error"],
         "reload_failing": failing,
@@ -243,8 +246,9 @@ def build_admin_app(plane: ControlPlane, tokens: dict[str, str], store: Store) -
     router.add_post("/api/reload", api.reload)
     router.add_put("/api/models/{model}/weights", api.set_weights)
     router.add_delete("/api/models/{model}/weights", api.clear_weights)
-    add_key_routes(app, store, plane.state_dir)
+    add_key_routes(app, store, plane.audit_log)
     add_rollout_routes(app, plane, store)
+    add_version_routes(app, plane, store)
 
     async def start_sampling(app: web.Application) -> None:
         app[_SAMPLER] = asyncio.create_task(_sample_forever(plane), name="admin-sampler")

@@ -13,6 +13,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from gateway.state import files as snapshots
 from gateway.state.files import Override
 from gateway.state.records import ReloadEvent, WorkerSnapshot
 from gateway.stats.counters import OUTCOMES, STATUS_CLASSES, Totals
+from gateway.stats.kinds import CHOICES
 from gateway.stats.records import VersionStats
 
 WINDOW = 60.0  # seconds of live statistics
@@ -30,6 +32,18 @@ ReloadTrigger = Callable[[], Awaitable[None]]
 
 class OverrideError(ValueError):
     """An override the control plane refuses, with the reason in words."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRestart:
+    """A worker process the supervisor found dead and starts again."""
+
+    worker: int  # its index
+    pid: int
+    exit_code: int  # negative: killed by that signal
+    uptime_s: float
+    delay_s: float  # waited before starting it again: grows while it keeps dying
+    time: float
 
 
 class ControlPlane:
@@ -41,6 +55,9 @@ class ControlPlane:
         self._table: RouteTable | None = None
         self._table_fingerprint: tuple[int, int, int] | None = None
         snapshots.prepare(state_dir)
+        self.audit_log = snapshots.AuditLog(state_dir)
+        self.worker_restarts = 0  # by the supervisor in this process, for metrics and status
+        self.recent_restarts: deque[WorkerRestart] = deque(maxlen=20)
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -122,6 +139,16 @@ class ControlPlane:
                     "requests": total.requests,
                     "by_status": dict(zip(STATUS_CLASSES, total.statuses, strict=True)),
                     "by_outcome": dict(zip(OUTCOMES, total.outcomes, strict=True)),
+                    # Split and sticky are a rollout's evidence, pinned and shadow are not; caller
+                    # faults (4xx, 499) are in no count of requests.
+                    "by_choice": {
+                        choice: {
+                            "requests": t.requests,
+                            "failures": t.failures,
+                            "caller_faults": t.caller_faults,
+                        }
+                        for choice, t in zip(CHOICES, total.choices, strict=True)
+                    },
                 },
                 "ready": all(r.ready for r in known) if known else None,
                 "not_ready_reason": next((r.detail for r in known if not r.ready), ""),
@@ -187,10 +214,17 @@ class ControlPlane:
         """Each worker's view of the store: reachable or not, and what it did while it was not."""
         return {str(w.pid): {"alive": w.alive, **w.admission.summary_json()} for w in self.workers()}
 
+    def restarts_view(self) -> dict[str, Any]:
+        return {"total": self.worker_restarts, "recent": [asdict(r) for r in reversed(self.recent_restarts)]}
+
     def audit(self, limit: int = 100) -> list[dict[str, Any]]:
-        return snapshots.read_audit(self.state_dir, limit)
+        return self.audit_log.read(limit)
 
     # -- acting ------------------------------------------------------------------------------------
+
+    def record_restart(self, restart: WorkerRestart) -> None:
+        self.worker_restarts += 1
+        self.recent_restarts.append(restart)
 
     async def reload(self, who: str, wait: float = 3.0) -> dict[str, Any]:
         """Make every worker reload the file now; wait for each to report, and say how it went."""
@@ -211,7 +245,7 @@ class ControlPlane:
         ok = bool(results) and not missing and all(r.ok for r in results.values())
         workers = {pid: event.to_json() for pid, event in results.items()}
         outcome = {"ok": ok, "workers": workers, "missing": missing}
-        snapshots.append_audit(self.state_dir, who, "reload", {"ok": ok})
+        self.audit_log.append(who, "reload", {"ok": ok})
         return outcome
 
     def set_override(
@@ -241,8 +275,8 @@ class ControlPlane:
         overrides = snapshots.read_overrides(self.state_dir)
         overrides[model_name] = override
         snapshots.write_overrides(self.state_dir, overrides)
-        snapshots.append_audit(
-            self.state_dir, who, "override.set", {"model": model_name, "weights": resolved, "reason": reason}
+        self.audit_log.append(
+            who, "override.set", {"model": model_name, "weights": resolved, "reason": reason}
         )
         return override.to_json()
 
@@ -251,7 +285,7 @@ class ControlPlane:
         if overrides.pop(model_name, None) is None:
             return False
         snapshots.write_overrides(self.state_dir, overrides)
-        snapshots.append_audit(self.state_dir, who, "override.clear", {"model": model_name})
+        self.audit_log.append(who, "override.clear", {"model": model_name})
         return True
 
 

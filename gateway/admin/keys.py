@@ -6,7 +6,8 @@ who each action is audited as. A key's secret exists in exactly one place after 
 other answer name keys by their name alone.
 
 The store's `put_key` / `delete_key` tell every gateway process about the change, so a revoked,
-disabled or rotated key stops working everywhere within about a second (`gateway.access.keys.KeyCache`).
+disabled or rotated key stops working everywhere within about a second
+(`gateway.access.key_cache.KeyCache`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -25,7 +25,7 @@ from aiohttp import web
 from gateway.access import keys
 from gateway.admin.auth import WHO
 from gateway.routing.table import Limit
-from gateway.state import files as snapshots
+from gateway.state.files import AuditLog
 from gateway.store.base import KeyRecord, Store, StoreUnavailable
 
 log = logging.getLogger("gateway.admin.app")
@@ -100,9 +100,9 @@ def _translated(handler: Handler) -> Handler:
 
 
 class KeysAPI:
-    def __init__(self, store: Store, state_dir: Path, who: Callable[[web.Request], str]) -> None:
+    def __init__(self, store: Store, audit_log: AuditLog, who: Callable[[web.Request], str]) -> None:
         self.store = store
-        self.state_dir = state_dir
+        self.audit_log = audit_log
         self.who = who
         # Changes are read-modify-write on the store; one at a time in this process, so two operators
         # creating the same name here cannot both succeed. (Across machines the store would need a
@@ -114,7 +114,7 @@ class KeysAPI:
         return next((k for k in await self.store.list_keys() if k.name == name), None)
 
     def _audit(self, request: web.Request, action: str, details: dict[str, Any]) -> None:
-        snapshots.append_audit(self.state_dir, self.who(request), action, details)
+        self.audit_log.append(self.who(request), action, details)
 
     async def create(self, request: web.Request) -> web.Response:
         now = time.time()
@@ -196,13 +196,13 @@ class KeysAPI:
         return _json({"name": name, "revoked": True})
 
 
-def add_key_routes(app: web.Application, store: Store, state_dir: Path) -> None:
+def add_key_routes(app: web.Application, store: Store, audit_log: AuditLog) -> None:
     """Serve /api/keys on an admin application built by `gateway.admin.app.build_admin_app`."""
 
     def who(request: web.Request) -> str:
         return str(request[WHO])
 
-    api = KeysAPI(store, state_dir, who)
+    api = KeysAPI(store, audit_log, who)
     router = app.router
     router.add_get("/api/keys", _translated(api.list_keys), allow_head=False)
     router.add_post("/api/keys", _translated(api.create))

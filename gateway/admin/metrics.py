@@ -25,9 +25,11 @@ from prometheus_client.utils import floatToGoString as _float_to_go
 
 from gateway import __version__
 from gateway.admin.control_plane import ControlPlane
+from gateway.admin.versions import schema_gate_metrics
 from gateway.rollout.records import PHASES, RolloutRecord
 from gateway.state.records import WorkerSnapshot
 from gateway.stats.counters import LATENCY_BUCKETS, OUTCOMES, STATUS_CLASSES, Outcome, Totals
+from gateway.stats.kinds import CHOICES
 from gateway.stats.records import VersionStats
 
 # Not prometheus_client's CONTENT_TYPE_LATEST: newer releases moved that to 1.0.0, and scrapers
@@ -44,13 +46,17 @@ _le_text: Callable[[float], str] = _float_to_go
 def render(plane: ControlPlane) -> bytes:
     """The exposition text for every worker that has published a snapshot in the plane's state dir."""
     table = plane.table()
-    return render_snapshots(plane.workers(), table.revision if table is not None else None)
+    revision = table.revision if table is not None else None
+    return render_snapshots(plane.workers(), revision, plane.audit_log.failures, plane.worker_restarts)
 
 
-def render_snapshots(workers: list[WorkerSnapshot], table_revision: str | None) -> bytes:
-    """The exposition text for these snapshots; `table_revision` is the file's revision if it validates."""
+def render_snapshots(
+    workers: list[WorkerSnapshot], table_revision: str | None, audit_failures: int = 0, restarts: int = 0
+) -> bytes:
+    """The exposition text for these snapshots; `table_revision` is the file's revision if it validates,
+    `audit_failures` and `restarts` what the admin process itself counted."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(workers, table_revision))
+    registry.register(SnapshotCollector(workers, table_revision, audit_failures, restarts))
     return generate_latest(registry)
 
 
@@ -62,10 +68,18 @@ def _split_key(key: str) -> tuple[str, str]:
 class SnapshotCollector:
     """Yields the gateway's metric families from one set of worker snapshots."""
 
-    def __init__(self, workers: list[WorkerSnapshot], table_revision: str | None) -> None:
+    def __init__(
+        self,
+        workers: list[WorkerSnapshot],
+        table_revision: str | None,
+        audit_failures: int = 0,
+        restarts: int = 0,
+    ) -> None:
         self.workers = workers
         self.live = [w for w in workers if w.alive]
         self.table_revision = table_revision
+        self.audit_failures = audit_failures
+        self.restarts = restarts
 
     def collect(self) -> Iterable[Metric]:
         yield from self._requests()
@@ -74,6 +88,7 @@ class SnapshotCollector:
         yield from self._health()
         yield from self._admission()
         yield from self._rollouts()
+        yield from schema_gate_metrics(self.workers)
         yield from self._process()
 
     # -- per version -------------------------------------------------------------------------------
@@ -94,7 +109,8 @@ class SnapshotCollector:
         )
         duration = HistogramMetricFamily(
             "gateway_request_duration_seconds",
-            "Seconds from forwarding a request to its version's backend to the last byte (or the failure).",
+            "Seconds from sending a request to its version's backend to its last byte (or the failure), "
+            "less any time reading it waited on a slow client.",
             labels=["model", "version"],
         )
         upstream = CounterMetricFamily(
@@ -106,6 +122,12 @@ class SnapshotCollector:
             "gateway_requests_in_flight",
             "Requests routed to a version and not yet answered, over live workers.",
             labels=["model", "version"],
+        )
+        by_choice = CounterMetricFamily(
+            "gateway_routed_answers",
+            "Answers per version by how it was chosen (split and sticky are rollout evidence; pinned and "
+            "shadow are not) and outcome (client_error and abandoned are the caller's, never evidence).",
+            labels=["model", "version", "choice", "outcome"],
         )
         bounds = [_le_text(b) for b in LATENCY_BUCKETS] + ["+Inf"]
         for key in sorted(everyone):
@@ -122,7 +144,10 @@ class SnapshotCollector:
                 upstream.add_metric([model, version, OUTCOMES[kind]], totals.outcomes[kind])
             # A version only gone workers served still gets a 0, so the series does not vanish.
             in_flight.add_metric([model, version], Totals.merge(present.get(key, [])).in_flight)
-        yield from (requests, duration, upstream, in_flight)
+            for choice, tally in zip(CHOICES, totals.choices, strict=True):
+                for outcome, count in zip(OUTCOMES, tally.outcomes, strict=True):
+                    by_choice.add_metric([model, version, choice, outcome], count)
+        yield from (requests, duration, upstream, in_flight, by_choice)
 
     def _unrouted(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
@@ -165,8 +190,8 @@ class SnapshotCollector:
     def _admission(self) -> Iterator[Metric]:
         outcomes = CounterMetricFamily(
             "gateway_admission",
-            "Admission outcomes by API key name (empty: anonymous), model and outcome "
-            "(admitted, limited, no_key, denied_401, denied_403, store_unavailable).",
+            "Admission outcomes by API key name (empty: anonymous), model and outcome (admitted, "
+            "limited, no_key, denied_<reason>, lookup_throttled_client|process, store_unavailable).",
             labels=["key", "model", "outcome"],
         )
         totals: dict[tuple[str, str, str], int] = {}
@@ -317,6 +342,17 @@ class SnapshotCollector:
         workers.add_metric(["alive"], len(self.live))
         workers.add_metric(["gone"], len(self.workers) - len(self.live))
         yield workers
+        restarts = CounterMetricFamily(
+            "gateway_worker_restarts", "Worker processes the supervisor found dead and started again."
+        )
+        restarts.add_metric([], self.restarts)
+        yield restarts
+        audit = CounterMetricFamily(
+            "gateway_audit_write_failures",
+            "Audit log lines that could not be written (the actions themselves went ahead; see the log).",
+        )
+        audit.add_metric([], self.audit_failures + sum(w.audit_failures for w in self.workers))
+        yield audit
 
     def _process(self) -> Iterator[Metric]:
         build = GaugeMetricFamily(

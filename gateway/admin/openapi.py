@@ -10,6 +10,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.admin.keys import KEYS_OPENAPI_PATHS, KEYS_OPENAPI_SCHEMAS
+from gateway.admin.versions import VERSIONS_OPENAPI_PATHS, VERSIONS_OPENAPI_SCHEMAS
 
 
 def _json(schema: str, description: str) -> dict[str, Any]:
@@ -192,6 +193,13 @@ _SCHEMAS: dict[str, Any] = {
                 "type": "object",
                 "properties": {"alive": {"type": "integer"}, "gone": {"type": "integer"}},
             },
+            "worker_restarts": {
+                "type": "object",
+                "description": "Dead workers the supervisor started again (after a delay that doubles, "
+                "0.5 s to 30 s, while one keeps dying); the latest first.",
+                "properties": {"total": {"type": "integer"}, "recent": {"type": "array"}},
+            },
+            "audit_write_failures": {"type": "integer", "description": "Audit lines that were lost."},
             "models": {
                 "type": "object",
                 "additionalProperties": {
@@ -308,7 +316,8 @@ OPENAPI: dict[str, Any] = {
                     },
                 ],
                 "responses": {
-                    "202": _json("Accepted", "The command is queued"),
+                    "202": _json("Accepted", "The command is queued for the running rollout it names"),
+                    "409": {"description": "No rollout of the model is running (not started, or ended)"},
                     **_errors("401", "404", "500"),
                 },
             }
@@ -399,6 +408,7 @@ OPENAPI: dict[str, Any] = {
             }
         },
         **KEYS_OPENAPI_PATHS,
+        **VERSIONS_OPENAPI_PATHS,
     },
     "components": {
         "securitySchemes": {
@@ -413,6 +423,6 @@ OPENAPI: dict[str, Any] = {
             "NotFound": _json("Error", "Nothing there"),
             "InternalError": _json("Error", "The gateway failed; the details are in its log"),
         },
-        "schemas": {**_SCHEMAS, **KEYS_OPENAPI_SCHEMAS},
+        "schemas": {**_SCHEMAS, **KEYS_OPENAPI_SCHEMAS, **VERSIONS_OPENAPI_SCHEMAS},
     },
 }

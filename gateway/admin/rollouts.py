@@ -1,7 +1,9 @@
 """Admin routes for rollouts: their state with the evidence behind every decision, and operator actions.
 
 Actions are written as commands to the store; the process holding the controller lease applies them
-within a second, so the rollout record keeps a single writer.
+within a second, so the rollout record keeps a single writer. A command names the record it was given
+for (`OperatorCommand.rollout`): it applies to that rollout at most once, and never to a later one.
+An action on a rollout that has not started, or has ended, is refused (409) rather than left waiting.
 """
 
 from __future__ import annotations
@@ -14,9 +16,8 @@ from aiohttp import web
 
 from gateway.admin.auth import WHO
 from gateway.admin.control_plane import ControlPlane
-from gateway.rollout.controller import spec_digest
+from gateway.rollout.controller import FINISHED, spec_digest
 from gateway.rollout.records import ACTIONS, OperatorCommand, RolloutRecord, read_record, write_command
-from gateway.state import files as snapshots
 from gateway.store.base import Store, StoreUnavailable
 from gateway.typed_json import RecordError, WarnOnce
 
@@ -70,12 +71,25 @@ def add_rollout_routes(app: web.Application, plane: ControlPlane, store: Store) 
                 {"error": f"model {model!r} has no rollout in the routes file"}, status=404
             )
         who = str(request.get(WHO, "admin"))
+        spec = spec_digest(table.models[model])
         try:
-            await write_command(store, model, OperatorCommand(time.time_ns(), action, who))
+            record = await read_record(store, model)
         except StoreUnavailable as exc:
             return web.json_response({"error": str(exc)}, status=503)
-        snapshots.append_audit(plane.state_dir, who, f"rollout.{action}", {"model": model})
-        return web.json_response({"model": model, "action": action, "accepted": True}, status=202)
+        except RecordError as exc:
+            return web.json_response({"error": f"the rollout record is unreadable: {exc}"}, status=409)
+        if record is None or record.spec != spec:
+            return web.json_response({"error": f"the rollout of {model} has not started yet"}, status=409)
+        if record.state.phase in FINISHED:
+            done = record.state.phase.replace("_", " ")
+            return web.json_response({"error": f"the rollout of {model} is already {done}"}, status=409)
+        try:
+            await write_command(store, model, OperatorCommand(time.time_ns(), action, who, record.id))
+        except StoreUnavailable as exc:
+            return web.json_response({"error": str(exc)}, status=503)
+        plane.audit_log.append(who, f"rollout.{action}", {"model": model})
+        answer = {"model": model, "action": action, "accepted": True, "rollout": record.id}
+        return web.json_response(answer, status=202)
 
     app.router.add_get("/api/rollouts", rollouts, allow_head=False)
     app.router.add_post("/api/rollouts/{model}/{action}", act)

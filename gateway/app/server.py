@@ -24,13 +24,17 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.admin.app import build_admin_app
-from gateway.admin.control_plane import ControlPlane
+from gateway.admin.control_plane import ControlPlane, WorkerRestart
 from gateway.app.worker import Worker, WorkerOptions
 from gateway.routing.table import RouteTable
 from gateway.state import files as snapshots
 from gateway.store import Store, open_store
 
 log = logging.getLogger("gateway.app.server")
+
+RESTART_DELAY = 0.5  # seconds before a dead worker is started again, doubling while it keeps dying
+MAX_RESTART_DELAY = 30.0
+STABLE_AFTER = 60.0  # a worker up this long starts again from RESTART_DELAY when it dies
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +52,7 @@ class ServeOptions:
     stats: bool = True
 
     def state_path(self) -> Path:
-        return Path(self.state_dir) if self.state_dir else Path(f"/tmp/model-gateway-{self.port}")
+        return Path(self.state_dir) if self.state_dir else snapshots.default_state_dir(self.port)
 
 
 class AdminRefused(Exception):
@@ -101,7 +105,7 @@ def admin_tokens(state_dir: Path, host: str) -> dict[str, str]:
     path = state_dir / snapshots.ADMIN_TOKEN
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(secret + "\n")
     log.info("admin token written to %s (set GATEWAY_ADMIN_TOKEN to choose one)", path)
@@ -167,25 +171,45 @@ async def serve_single(table: RouteTable, options: ServeOptions) -> None:
         await _stop_admin(runner)
 
 
+@dataclass
+class _Slot:
+    """One worker index under the supervisor, across the processes that have served it."""
+
+    index: int
+    process: asyncio.subprocess.Process | None = None
+    started: float = 0.0
+    starts: int = 0
+    delay: float = 0.0  # before the latest restart; doubles while the worker keeps dying
+    restart_at: float | None = None  # monotonic time to start it again
+
+
 async def supervise(options: ServeOptions, worker_argv: list[str]) -> int:
-    """Run `options.workers` worker processes on one port and the admin port; restart dead workers."""
+    """Run `options.workers` worker processes on one port and the admin port; restart dead workers.
+
+    A worker that dies is started again after a delay that doubles while it keeps dying (RESTART_DELAY
+    to MAX_RESTART_DELAY, back to the start once one has stayed up STABLE_AFTER), so a crash loop costs
+    little and the other workers keep serving. Only a worker that exits before it ever served (a bad
+    routes file, a port taken) stops the gateway, with that worker's exit status: restarting would
+    fail the same way.
+    """
     loop = asyncio.get_running_loop()
     state_dir = options.state_path()
     _fresh_state(state_dir)
-    workers: dict[int, asyncio.subprocess.Process] = {}
-    started: dict[int, float] = {}
+    slots = [_Slot(index) for index in range(options.workers)]
     stopping = asyncio.Event()
 
-    async def start(index: int) -> None:
+    async def start(slot: _Slot) -> None:
         argv = [sys.executable, "-m", "gateway", *worker_argv, "--workers", "1", "--reuse-port"]
-        argv += ["--worker-index", str(index), "--state-dir", str(state_dir), "--no-admin"]
-        workers[index] = await asyncio.create_subprocess_exec(*argv)
-        started[index] = time.monotonic()
+        argv += ["--worker-index", str(slot.index), "--state-dir", str(state_dir), "--no-admin"]
+        slot.process = await asyncio.create_subprocess_exec(*argv)
+        slot.started = time.monotonic()
+        slot.starts += 1
 
     def forward(signum: int) -> None:
-        for process in workers.values():
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signum)
+        for slot in slots:
+            if slot.process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    slot.process.send_signal(signum)
 
     def stop(signum: int) -> None:
         stopping.set()
@@ -197,8 +221,8 @@ async def supervise(options: ServeOptions, worker_argv: list[str]) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop, signum)
     loop.add_signal_handler(signal.SIGHUP, forward, signal.SIGHUP)
-    for index in range(options.workers):
-        await start(index)
+    for slot in slots:
+        await start(slot)
     plane = ControlPlane(options.config, state_dir, reload_all)
     table = plane.table()
     store = open_store(table.store.url, table.store.timeout) if table is not None else open_store("memory://")
@@ -206,32 +230,57 @@ async def supervise(options: ServeOptions, worker_argv: list[str]) -> int:
         runner = await start_admin(plane, options, store)
     except (AdminRefused, OSError):
         stop(signal.SIGTERM)
-        for process in workers.values():
-            await process.wait()
+        for slot in slots:
+            if slot.process is not None:
+                await slot.process.wait()
         raise
     status = 0
     try:
-        while workers:
-            await asyncio.sleep(0.2)
-            for index, process in list(workers.items()):
+        while any(slot.process is not None or slot.restart_at is not None for slot in slots):
+            await asyncio.sleep(0.1)
+            for slot in slots:
+                if slot.process is None:
+                    if slot.restart_at is not None and stopping.is_set():
+                        slot.restart_at = None
+                    elif slot.restart_at is not None and time.monotonic() >= slot.restart_at:
+                        slot.restart_at = None
+                        await start(slot)
+                    continue
+                process = slot.process
                 if process.returncode is None:
                     continue
-                del workers[index]
+                slot.process = None
+                code = process.returncode
                 if stopping.is_set():
-                    status = status or process.returncode
-                elif time.monotonic() - started[index] < 5:
-                    log.error(
-                        "worker %d exited with %s right after starting; stopping", index, process.returncode
-                    )
+                    status = status or code
+                elif slot.starts == 1 and not snapshots.has_snapshot(state_dir, process.pid):
+                    log.error("worker %d exited with %s before it served; stopping", slot.index, code)
                     stop(signal.SIGTERM)
-                    status = process.returncode or 1
+                    status = code or 1
                 else:
-                    log.error("worker %d exited with %s; restarting it", index, process.returncode)
-                    await start(index)
+                    _schedule_restart(slot, code, process.pid, plane)
     finally:
         await _stop_admin(runner)
         await store.close()
     return status
+
+
+def _schedule_restart(slot: _Slot, code: int, pid: int, plane: ControlPlane) -> None:
+    now = time.monotonic()
+    uptime = now - slot.started
+    stable = uptime >= STABLE_AFTER or slot.delay == 0
+    slot.delay = RESTART_DELAY if stable else min(MAX_RESTART_DELAY, slot.delay * 2)
+    slot.restart_at = now + slot.delay
+    plane.record_restart(WorkerRestart(slot.index, pid, code, round(uptime, 3), slot.delay, time.time()))
+    log.error(
+        "worker %d (pid %d) exited with %s after %.1fs; restarting it in %.1fs (%d restart(s) so far)",
+        slot.index,
+        pid,
+        code,
+        uptime,
+        slot.delay,
+        plane.worker_restarts,
+    )
 
 
 def shared_state_problem(table: RouteTable, workers: int) -> str | None:
@@ -242,11 +291,14 @@ def shared_state_problem(table: RouteTable, workers: int) -> str | None:
     needs = needs or any(
         model.limit is not None or model.rollout is not None for model in table.models.values()
     )
+    # The registry a version's archive is checked against must be the one the admin API registers in.
+    needs = needs or any(v.archive for model in table.models.values() for v in model.versions.values())
     if not needs:
         return None
     return (
-        f"--workers {workers} with the memory store: keys, limits and rollouts would not be shared between "
-        "the workers; set store.url to a Redis URL (REDIS_URL=redis://127.0.0.1:6379/0) or use one worker"
+        f"--workers {workers} with the memory store: keys, limits, rollouts and the version registry "
+        "would not be shared between the workers; set store.url to a Redis URL "
+        "(REDIS_URL=redis://127.0.0.1:6379/0) or use one worker"
     )
 
 
@@ -268,4 +320,7 @@ def run(table: RouteTable, options: ServeOptions, worker_argv: list[str]) -> int
         return 0
     except AdminRefused as exc:
         print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    except snapshots.UnsafeStateDir as exc:
+        print(f"gateway: refusing to start: {exc}", file=sys.stderr)
         return 1

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.access.admission import Admission
+from gateway.artifacts.guard import VersionGuard
 from gateway.pipeline.flow import Pipeline
 from gateway.pipeline.http import HttpFrontDoor
 from gateway.pipeline.metadata import Metadata
@@ -34,6 +35,7 @@ from gateway.store import Store, StoreUnavailable, open_store
 from gateway.store.base import redacted
 from gateway.wire.deadlines import Deadlines, resolution_for
 from gateway.wire.http_server import ClientConnection
+from gateway.wire.request import BodyBudget
 
 log = logging.getLogger("gateway.app.worker")
 
@@ -67,20 +69,29 @@ class Worker:
             self._version_ready,
             self._follow_rollouts,
             self._audit_rollout,
+            hold=lambda model: self.versions.hold_rollout(self.table, model),
         )
         self.health = HealthChecker(self._apply_routing)
         self.health.set_table(table)
+        # The version registry and the schema gate; audited as "gateway" (what it let through).
+        self.versions = VersionGuard(
+            self.store, lambda what, details: self.audit_log.append("gateway", what, details)
+        )
+        self._admitting: asyncio.Task[None] | None = None  # the reloaded table being checked
         self.front_door = HttpFrontDoor(
-            self.pipeline, Metadata(lambda: self.pipeline.snapshot, self.health.settled)
+            self.pipeline,
+            Metadata(lambda: self.pipeline.snapshot, self.health.settled, self.versions.describe),
         )
         settings = table.server
         resolution = resolution_for(
             settings.header_timeout, settings.body_timeout, settings.keepalive_timeout
         )
         self.connections: Deadlines[ClientConnection] = Deadlines(self.loop, resolution)
+        self.budget = BodyBudget(settings.max_buffered_bytes)  # request bodies held, all connections
         self.reloads: deque[records.ReloadEvent] = deque(maxlen=RELOAD_HISTORY)
         self.reload_counts = {"ok": 0, "failed": 0}
         self.started = time.time()
+        self.audit_log = snapshots.AuditLog(options.state_dir)  # the controller's decisions
         self._stop = asyncio.Event()
         self._watcher = FileWatcher(
             [options.config, options.state_dir / snapshots.OVERRIDES], self._on_file_change
@@ -89,7 +100,7 @@ class Worker:
 
     def connection(self) -> ClientConnection:
         """A protocol for a new client connection, with the current table's server limits."""
-        return ClientConnection(self.front_door, self.table.server, self.connections)
+        return ClientConnection(self.front_door, self.table.server, self.connections, self.budget)
 
     @property
     def table(self) -> RouteTable:
@@ -107,6 +118,7 @@ class Worker:
         self.health.start()
         publisher = self.loop.create_task(self._publish_forever())
         controller = self.loop.create_task(self._control_forever())
+        tracker = self.loop.create_task(self._track_versions_forever())
         await self._stop.wait()
 
         log.info("shutting down: %d open connection(s)", len(self.connections))
@@ -126,37 +138,58 @@ class Worker:
         self._watcher.stop()
         publisher.cancel()
         controller.cancel()
+        tracker.cancel()
         self.publish()
         self.connections.close()
         await self.health.stop()
         await self.admission.stop()
         await self.front_door.close()
+        await self.versions.close()
 
     # -- reload ------------------------------------------------------------------------------------
 
-    def reload(self, trigger: str) -> bool:
-        """Load the file again; swap the table if it validates, keep the old one if not."""
+    def reload(self, trigger: str) -> None:
+        """Load the file again; swap the table once it validates and passes the version registry and the
+        schema gate (asked asynchronously: the old table serves meanwhile); keep the old one if not."""
         started = time.perf_counter()
         try:
             table = config.load_table(self.options.config)
         except config.ConfigError as exc:
-            errors = [str(issue) for issue in exc.issues]
-            for error in errors:
-                log.error("reload refused, still serving revision %s: %s", self.table.revision[:12], error)
-            self._record_reload(trigger, None, errors, time.perf_counter() - started)
-            self.publish()
-            return False
+            self._refuse(trigger, [str(issue) for issue in exc.issues], started)
+            return
+        if self._admitting is not None:
+            self._admitting.cancel()  # a newer file supersedes the one being checked
+        self._admitting = self.loop.create_task(self._admit(table, trigger, started))
+
+    async def _admit(self, table: RouteTable, trigger: str, started: float) -> None:
+        try:
+            errors = await self.versions.admit(self.table, self.pipeline.snapshot.split_of, table)
+        except Exception:
+            log.exception("checking %s against the version registry failed", self.options.config)
+            errors = ["the reload could not be checked against the version registry (see the gateway's log)"]
+        if errors:
+            self._refuse(trigger, errors, started)
+        else:
+            self._swap(table, trigger, started)
+
+    def _refuse(self, trigger: str, errors: list[str], started: float) -> None:
+        for error in errors:
+            log.error("reload refused, still serving revision %s: %s", self.table.revision[:12], error)
+        self._record_reload(trigger, None, errors, time.perf_counter() - started)
+        self.publish()
+
+    def _swap(self, table: RouteTable, trigger: str, started: float) -> None:
         if table.store.url != self.table.store.url:
             log.warning("store.url changed in %s; it takes effect at the next restart", self.options.config)
         self.admission.on_error = table.store.on_error
         self.pipeline.set_table(table)
+        self.budget.limit = table.server.max_buffered_bytes
         self.health.set_table(table)
         self._apply_routing()
         self._record_reload(trigger, table, [], time.perf_counter() - started)
         log.info("reloaded %s (%s): revision %s", self.options.config, trigger, table.revision[:12])
         self.publish()
         self.loop.create_task(self.health.check_now())  # new versions get checked now, not in 2 s
-        return True
 
     def _on_file_change(self, path: str) -> None:
         if path == str(self.options.state_dir / snapshots.OVERRIDES):
@@ -180,11 +213,14 @@ class Worker:
         return health is None or health.ready  # not checked yet is not evidence of anything
 
     def _audit_rollout(self, model: str, event: dict[str, Any]) -> None:
+        self.versions.rollout_event(self.table.models.get(model), event)
+        if event.get("by", "controller") != "controller":
+            return  # an operator's action, applied now: the admin API audited it when it was asked for
         details = {"model": model, "weight": event["weight"]}
         reason = event.get("evidence", {}).get("reason")
         if reason:
             details["reason"] = reason
-        snapshots.append_audit(self.options.state_dir, "controller", f"rollout.{event['action']}", details)
+        self.audit_log.append("controller", f"rollout.{event['action']}", details)
 
     def _follow_rollouts(self, weights: Weights) -> None:
         if weights != self._rollout_weights:
@@ -203,6 +239,18 @@ class Worker:
                 down = True
             except Exception:  # a bug in one round must not end rollout control for good
                 log.exception("rollout control round failed")
+            await asyncio.sleep(1.0)
+
+    async def _track_versions_forever(self) -> None:
+        """Served marks and registrations for the version registry (best effort, like the audit log)."""
+        while True:
+            served = {key: sum(v.statuses) for key, v in self.stats.snapshot().versions.items()}
+            try:
+                await self.versions.track(self.table, served)
+            except StoreUnavailable:
+                pass  # the rollout loop reports the store being down; the marks wait for it
+            except Exception:
+                log.exception("version registry round failed")
             await asyncio.sleep(1.0)
 
     def _apply_routing(self) -> None:
@@ -258,6 +306,8 @@ class Worker:
             ),
             rollouts=records.RolloutsView(self.rollouts.leader, dict(self.rollouts.records)),
             internal_errors=self.front_door.internal_errors,
+            audit_failures=self.audit_log.failures,
+            schema_gate=self.versions.view(),
         )
 
     def publish(self) -> None:

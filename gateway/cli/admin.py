@@ -76,7 +76,8 @@ def resolve_token(args: argparse.Namespace) -> str:
         raise AdminError(f"{path} is empty; restart the gateway or set GATEWAY_ADMIN_TOKEN")
     raise AdminError(
         "no admin token: set GATEWAY_ADMIN_TOKEN, or pass --state-dir DIR to use the token a gateway "
-        "started without one wrote to DIR/admin-token (by default /tmp/model-gateway-<client port>)"
+        "started without one wrote to DIR/admin-token (by default $XDG_RUNTIME_DIR/model-gateway/<client "
+        "port>, else ~/.local/state/model-gateway/<client port>)"
     )
 
 

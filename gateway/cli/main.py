@@ -1,4 +1,4 @@
-"""The `gateway` command line: serve, validate."""
+"""The `gateway` command line: serve, validate, and the admin, archive and registry commands."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import sys
 from collections.abc import Sequence
 
 from gateway.app import server
+from gateway.artifacts.guard import check_at_start
 from gateway.cli import admin as admin_cli
+from gateway.cli import archive as archive_cli
 from gateway.cli import keys as keys_cli
 from gateway.cli import rollout as rollout_cli
+from gateway.cli import versions as versions_cli
 from gateway.routing import config
 from gateway.routing.table import RouteTable
 
@@ -56,6 +59,10 @@ def _serve(args: argparse.Namespace) -> int:
     table = _load_or_report(args.config, "not serving, fix them first")
     if table is None:
         return 1
+    if contradictions := check_at_start(table):
+        print("\n".join(contradictions), file=sys.stderr)
+        print(f"{args.config} contradicts the version registry; not serving, fix it first", file=sys.stderr)
+        return 1
     argv = ["serve", "--config", args.config, "--host", args.host, "--port", str(args.port)]
     argv += ["--shutdown-timeout", str(args.shutdown_timeout), "--log-level", args.log_level]
     if args.no_stats:
@@ -88,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-port", type=int, default=8081, help="admin API, metrics (default: 8081)")
     serve.add_argument("--no-admin", action="store_true", help="serve no admin port")
     serve.add_argument(
-        "--state-dir", help="shared state of this gateway's processes (default /tmp/model-gateway-PORT)"
+        "--state-dir",
+        help="shared state of this gateway's processes, private to its user (default "
+        "$XDG_RUNTIME_DIR/model-gateway/PORT, else ~/.local/state/model-gateway/PORT)",
     )
     serve.add_argument(
         "--no-stats", action="store_true", help="count nothing per request (to measure what metrics cost)"
@@ -99,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     admin_cli.add_commands(commands)
     keys_cli.add_commands(commands)
     rollout_cli.add_commands(commands)
+    archive_cli.add_commands(commands)
+    versions_cli.add_commands(commands)
     return parser
 
 

@@ -55,10 +55,36 @@ def _status(args: argparse.Namespace) -> int:
         reason = record.evidence.get("reason")
         if reason:
             print(f"  now: {reason}")
+        traffic = record.evidence.get("traffic")
+        if isinstance(traffic, dict):
+            for version, line in _traffic_lines(traffic):
+                print(f"  {version}: {line}")
         for event in record.history[-5:]:
             when = time.strftime("%H:%M:%S", time.localtime(event.time))
             print(f"  {when} {event.action} -> {event.weight}% by {event.by}")
     return 0
+
+
+def _traffic_lines(traffic: dict[str, Any]) -> list[tuple[str, str]]:
+    """Per version, this step's evidence and what was served beside it without counting."""
+    lines = []
+    for version, rows in traffic.items():
+        try:
+            counted = sum(row["requests"] for row in rows.values() if row["evidence"])
+            failed = sum(row["failures"] for row in rows.values() if row["evidence"])
+            faults = sum(row["caller_faults"] for row in rows.values())
+            apart = ", ".join(
+                f"{choice} {row['requests']}" for choice, row in rows.items() if not row["evidence"]
+            )
+        except (AttributeError, KeyError, TypeError):
+            continue  # another release's shape: the reason above still says what matters
+        lines.append(
+            (
+                version,
+                f"{counted} requests ({failed} failed) in evidence; not: {apart}, caller faults {faults}",
+            )
+        )
+    return lines
 
 
 def _act(args: argparse.Namespace) -> int:

@@ -17,9 +17,10 @@ import time
 from collections.abc import Callable
 
 from gateway.pipeline import steps
+from gateway.pipeline.blame import CLASSIFIED_STATUSES, MAX_CLASSIFIED_BODY, caller_fault
 from gateway.pipeline.http_answer import send_error
 from gateway.pipeline.snapshot import VersionRoute
-from gateway.stats.counters import Outcome, outcome_of
+from gateway.stats.counters import Choice, Outcome, outcome_of
 from gateway.wire.headers import HOP_BY_HOP, Headers, connection_options
 from gateway.wire.http_server import ClientConnection, Request
 from gateway.wire.upstream import Failure, UpstreamConnection
@@ -37,6 +38,7 @@ DROP_REQUEST = HOP_BY_HOP | {
     b"authorization",
     b"x-api-key",
     b"proxy-authorization",
+    b"x-gateway-shadow",  # ours: a client must not make its request look like a shadow copy
 }
 DROP_RESPONSE = HOP_BY_HOP | {b"content-length", b"x-model-version", b"x-request-id", b"proxy-authenticate"}
 MAX_MIRRORS_IN_FLIGHT = 128  # shadow copies beyond this are skipped: a slow mirror must not pile up
@@ -50,7 +52,8 @@ def upstream_request(
     """The request as the backend gets it: Triton's path, our Host, end-to-end headers, the same body."""
     path = route.path if not request.query else route.path + b"?" + request.query.encode("latin-1")
     head = [b"POST ", path, b" HTTP/1.1\r\nhost: ", route.host, b"\r\n"]
-    options = connection_options(request.header(b"connection"))
+    connection = request.fields.get(b"connection")  # always captured (FRAMING_HEADERS)
+    options = connection_options(connection) if connection is not None else None
     drop = DROP_REQUEST | options if options else DROP_REQUEST
     forwarded_for = b""
     for name, value in request.headers:
@@ -80,13 +83,16 @@ class Mirrors:
         self.skipped = 0
 
     def send(self, request: Request, route: VersionRoute, request_id: bytes) -> None:
-        """Send a shadow copy; its answer is read and dropped, and it never delays the real one."""
+        """Send a shadow copy; its answer is read and dropped, and it never delays the real one.
+
+        Only when a connection is free: a shadow copy never waits in a pool's queue, so it never takes a
+        turn from real traffic to the same backend.
+        """
         if self.in_flight >= MAX_MIRRORS_IN_FLIGHT:
             self.skipped += 1
             return
         payload = upstream_request(request, route, request_id, shadow=True)
-        self.in_flight += 1
-        shadow = ShadowExchange(self)
+        shadow = ShadowExchange(self, route)
 
         def connected(upstream: UpstreamConnection | None, why: str) -> None:
             if upstream is None:
@@ -94,28 +100,53 @@ class Mirrors:
             else:
                 upstream.send(payload, shadow)
 
-        route.pool.acquire(connected)
+        self.in_flight += 1
+        if not route.pool.acquire_if_free(connected):
+            self.in_flight -= 1
+            self.skipped += 1
+
+
+def _held_back(status: int, content_length: int | None) -> bool:
+    """An answer whose body must be read before its head goes on: it may blame the request (blame.py)."""
+    return (
+        status in CLASSIFIED_STATUSES and content_length is not None and content_length <= MAX_CLASSIFIED_BODY
+    )
 
 
 class ShadowExchange:
-    """Receives a mirrored request's answer and drops it."""
+    """Receives a mirrored request's answer, counts it for its version as a shadow copy, drops it."""
 
-    __slots__ = ("_mirrors",)
+    __slots__ = ("_body", "_mirrors", "_route", "_started", "_status")
 
-    def __init__(self, mirrors: Mirrors) -> None:
+    def __init__(self, mirrors: Mirrors, route: VersionRoute) -> None:
         self._mirrors = mirrors
+        self._route = route
+        self._started = time.perf_counter()  # a free connection is taken at once: this is the send
+        self._status = 0
+        self._body: list[bytes] | None = None
 
     def upstream_headers(self, status: int, headers: Headers, content_length: int | None) -> None:
-        pass
+        self._status = status
+        if _held_back(status, content_length):
+            self._body = []
 
     def upstream_body(self, data: bytes) -> None:
-        pass
+        if self._body is not None:
+            self._body.append(data)
 
     def upstream_done(self) -> None:
         self._mirrors.in_flight -= 1
+        status, outcome = self._status, outcome_of(self._status)
+        if self._body is not None and caller_fault(status, b"".join(self._body)) is not None:
+            outcome = Outcome.CLIENT_ERROR
+        steps.record(self._route, Choice.SHADOW, status, outcome, time.perf_counter() - self._started)
 
     def upstream_failed(self, failure: Failure, detail: str) -> None:
         self._mirrors.in_flight -= 1
+        timeout = failure is Failure.TIMEOUT
+        outcome = Outcome.TIMEOUT if timeout else Outcome.UPSTREAM_ERROR
+        seconds = time.perf_counter() - self._started
+        steps.record(self._route, Choice.SHADOW, 504 if timeout else 502, outcome, seconds)
         log.debug("shadow request failed: %s", detail)
 
     def upstream_crashed(self, exc: BaseException) -> None:
@@ -124,15 +155,26 @@ class ShadowExchange:
 
 
 class ProxyExchange:
-    """One inference request on its way to a backend and back."""
+    """One inference request on its way to a backend and back.
+
+    What it records is the backend's doing only: the time from the request sent to the response
+    received, less any time reading from the backend was paused because the client was not reading
+    (`pause_source`); a client that leaves or stops reading is 499 (`Outcome.ABANDONED`), never the
+    backend's timeout; and a 5xx that blames the request (blame.py) goes to the client as 400 and is
+    counted as the caller's fault.
+    """
 
     __slots__ = (
+        "_choice",
         "_extra",
+        "_held",
+        "_paused_at",
+        "_paused_for",
         "_recorded",
         "_report",
         "_route",
+        "_sent",
         "_status",
-        "_t0",
         "_upstream",
         "conn",
         "request_id",
@@ -145,20 +187,25 @@ class ProxyExchange:
         request_id: bytes,
         extra_headers: Headers | None,
         report: CrashReport,
+        choice: Choice = Choice.SPLIT,
     ):
         self._extra = extra_headers  # rate-limit headers from admission
         self._report = report
         self.conn = conn
         self._route = route
+        self._choice = choice
         self.request_id = request_id
         self._upstream: UpstreamConnection | None = None
         self._status = 0  # the backend's status once its response has started
-        self._t0 = 0.0
+        self._held: tuple[Headers, list[bytes]] | None = None  # a head and body held back (_held_back)
+        self._sent = 0.0  # perf_counter when the request went out (when it was started, until then)
+        self._paused_at = 0.0  # since when reading is paused for the client; 0 while it is not
+        self._paused_for = 0.0  # time paused so far: the client's, not the backend's
         self._recorded = False
 
     def start(self, payload: list[bytes]) -> None:
         self.conn.on_lost = self.client_lost
-        self._t0 = time.perf_counter()
+        self._sent = time.perf_counter()
         self._route.counters.in_flight += 1
 
         def connected(upstream: UpstreamConnection | None, why: str) -> None:
@@ -168,13 +215,14 @@ class ProxyExchange:
                     self._fail(503, why)
                 elif self.conn.closed:
                     self._route.pool.release(upstream)
-                    self._record(499, Outcome.CLIENT_ERROR)
+                    self._record(499, Outcome.ABANDONED)
                 else:
                     self._upstream = upstream
                     self.conn.flow = self
+                    self._sent = time.perf_counter()
                     upstream.send(payload, self)
                     if self.conn.write_paused:
-                        upstream.pause_reading()
+                        self.pause_source()
             except Exception as exc:
                 self._crash(exc)
 
@@ -185,26 +233,40 @@ class ProxyExchange:
     def upstream_headers(self, status: int, headers: Headers, content_length: int | None) -> None:
         try:
             self._status = status
-            drop = DROP_RESPONSE
-            for name, value in headers:
-                if name == b"connection":
-                    drop = drop | {token.strip().lower() for token in value.split(b",")}
-            out = [header for header in headers if header[0] not in drop]
-            self.conn.start_response(status, out + self._own_headers(), content_length)
+            if _held_back(status, content_length):
+                self._held = (headers, [])
+            else:
+                self._start_response(status, headers, content_length)
         except Exception as exc:
             self._crash(exc)
 
     def upstream_body(self, data: bytes) -> None:
         try:
-            self.conn.write(data)
+            if self._held is not None:
+                self._held[1].append(data)
+            else:
+                self.conn.write(data)
         except Exception as exc:
             self._crash(exc)
 
     def upstream_done(self) -> None:
         try:
             self._upstream = None
-            self._record(self._status, outcome_of(self._status))
+            status, outcome, held = self._status, outcome_of(self._status), self._held
+            if held is None:
+                self._record(status, outcome)
+                if not self.conn.closed:
+                    self.conn.end_response()
+                return
+            self._held = None
+            body = b"".join(held[1])
+            blamed = caller_fault(status, body)
+            if blamed is not None:
+                status, outcome = blamed, Outcome.CLIENT_ERROR
+            self._record(status, outcome)
             if not self.conn.closed:
+                self._start_response(status, held[0], len(body))
+                self.conn.write(body)
                 self.conn.end_response()
         except Exception as exc:
             self._crash(exc)
@@ -217,18 +279,29 @@ class ProxyExchange:
             self._record(self._status or status, outcome)
             if self.conn.closed:
                 return
-            if self._status:
+            if self._status and self._held is None:
                 self.conn.abort()  # the client has part of a response; closing is the only honest signal
                 return
+            self._held = None
             self._fail(status, detail)
         except Exception as exc:
             self._crash(exc)
+
+    def _start_response(self, status: int, headers: Headers, content_length: int | None) -> None:
+        drop = DROP_RESPONSE
+        for name, value in headers:
+            if name == b"connection":
+                drop = drop | {token.strip().lower() for token in value.split(b",")}
+        out = [header for header in headers if header[0] not in drop]
+        self.conn.start_response(status, out + self._own_headers(), content_length)
 
     def _record(self, status: int, outcome: Outcome) -> None:
         if not self._recorded:
             self._recorded = True
             self._route.counters.in_flight -= 1
-            steps.record(self._route, status, outcome, self._t0)
+            now = time.perf_counter()
+            paused = self._paused_for + (now - self._paused_at if self._paused_at else 0.0)
+            steps.record(self._route, self._choice, status, outcome, now - self._sent - paused)
 
     def upstream_crashed(self, exc: BaseException) -> None:
         self._crash(exc)
@@ -248,18 +321,23 @@ class ProxyExchange:
 
     def pause_source(self) -> None:
         if self._upstream is not None:
-            self._upstream.pause_reading()
+            self._upstream.pause_reading()  # which also stops the backend's deadline (upstream.py)
+            if not self._paused_at:
+                self._paused_at = time.perf_counter()
 
     def resume_source(self) -> None:
         if self._upstream is not None:
             self._upstream.resume_reading()
+        if self._paused_at:
+            self._paused_for += time.perf_counter() - self._paused_at
+            self._paused_at = 0.0
 
     def client_lost(self) -> None:
         if self._upstream is not None:
             self._upstream.abandon()
             self._upstream = None
             # 499: nginx's code for a client that left; it is not the version's fault.
-            self._record(499, Outcome.CLIENT_ERROR)
+            self._record(499, Outcome.ABANDONED)
 
     def _fail(self, status: int, message: str) -> None:
         if not self.conn.closed:

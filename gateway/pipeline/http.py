@@ -21,11 +21,15 @@ from gateway.pipeline.flow import Pipeline, Plan
 from gateway.pipeline.forward import Mirrors, ProxyExchange, upstream_request
 from gateway.pipeline.http_answer import JSON, send_error
 from gateway.pipeline.metadata import Metadata
+from gateway.pipeline.snapshot import ModelRoute
 from gateway.routing.decisions import Endpoint, Target
 from gateway.wire.headers import Headers
 from gateway.wire.http_server import ClientConnection, Request
 
 log = logging.getLogger("gateway.http")
+
+# Endpoints that describe one model: when keys are required they need a key allowed to call the model.
+MODEL_ENDPOINTS = frozenset((Endpoint.MODEL_METADATA, Endpoint.MODEL_READY, Endpoint.MODEL_CONFIG))
 
 
 class HttpFrontDoor:
@@ -38,7 +42,7 @@ class HttpFrontDoor:
 
     @property
     def captured_headers(self) -> frozenset[bytes]:
-        return self.pipeline.snapshot.captured_headers
+        return self.pipeline.captured_headers
 
     # -- RequestHandler ----------------------------------------------------------------------------
 
@@ -67,25 +71,45 @@ class HttpFrontDoor:
         if isinstance(target, Refusal):
             self._refuse(conn, target)
             return
+
+        def crashed(exc: BaseException) -> None:
+            self._crashed(conn, request, request_id, exc)
+
+        if target.endpoint in MODEL_ENDPOINTS and snapshot.table.keys.required:
+
+            def authorized(result: ModelRoute | Refusal) -> None:
+                if not conn.is_active(request):
+                    return
+                if isinstance(result, Refusal):
+                    self._refuse(conn, result)
+                else:
+                    self._spawn(self._serve_metadata(request, conn, target, request_id))
+
+            self.pipeline.authorize(snapshot, target, request, authorized, crashed)
+            return
         if target.endpoint is not Endpoint.INFER:
             self._spawn(self._serve_metadata(request, conn, target, request_id))
             return
 
         def planned(result: Plan | Refusal) -> None:
-            if conn.closed:
-                return
+            if not conn.is_active(request):
+                return  # answered meanwhile (its body timed out or was too large), or the client left
             if isinstance(result, Refusal):
                 self._refuse(conn, result)
                 return
-            exchange = ProxyExchange(conn, result.version, request_id, result.headers, self._report)
-            exchange.start(upstream_request(request, result.version, request_id))
-            if result.shadow is not None:
-                self.mirrors.send(request, result.shadow, request_id)
 
-        def crashed(exc: BaseException) -> None:
-            self._crashed(conn, request, request_id, exc)
+            if request.complete:  # the common case: no closure to wait for the body with
+                self._forward(request, conn, result, request_id)
+            else:  # when the body is in (and after a 100 Continue if the client waits for one)
+                conn.read_body(request, lambda: self._forward(request, conn, result, request_id))
 
         self.pipeline.plan(snapshot, target, request, planned, crashed)
+
+    def _forward(self, request: Request, conn: ClientConnection, plan: Plan, request_id: bytes) -> None:
+        exchange = ProxyExchange(conn, plan.version, request_id, plan.headers, self._report, plan.choice)
+        exchange.start(upstream_request(request, plan.version, request_id))
+        if plan.shadow is not None:
+            self.mirrors.send(request, plan.shadow, request_id)
 
     def _refuse(self, conn: ClientConnection, refusal: Refusal) -> None:
         self.pipeline.stats.unrouted[refusal.counts_as] += 1

@@ -12,8 +12,7 @@ version metadata (training data, metrics, commit).
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -21,7 +20,7 @@ import aiohttp
 from gateway import __version__
 from gateway.pipeline.snapshot import RoutingSnapshot
 from gateway.routing.decisions import Endpoint
-from gateway.routing.health import CHECK_TIMEOUT
+from gateway.routing.health import CHECK_TIMEOUT, reason_of
 from gateway.routing.table import Backend, Model, Version, triton_model_path
 
 Answer = tuple[int, dict[str, Any]]
@@ -31,14 +30,19 @@ EXTENSIONS = ["binary_tensor_data", "model_configuration"]
 NOT_CHECKED = "not checked yet"
 
 
-def public_metadata(model: Model, version: Version) -> dict[str, Any]:
-    """The gateway's view of a version, added to the backend's model metadata."""
+def public_metadata(
+    model: Model, version: Version, registered: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The gateway's view of a version, added to the backend's model metadata; `registered` is what the
+    version registry says of it (gateway.artifacts.registry.summary)."""
     return {
         "version": version.id,
         "aliases": sorted(alias for alias, target in model.aliases.items() if target == version.id),
         "metadata": dict(version.metadata),
         "backend": version.backend,
         "target": f"{version.triton_model}/{version.triton_version}".rstrip("/"),
+        "archive": version.archive or None,
+        "registry": dict(registered) if registered is not None else None,
     }
 
 
@@ -71,14 +75,18 @@ def model_ready(snapshot: RoutingSnapshot, model: Model, pinned: Version | None)
 
 
 def server_ready(snapshot: RoutingSnapshot) -> Answer:
-    """Ready when a table is loaded and every model has a version taking traffic that is ready."""
-    problems = []
-    for model in snapshot.table.models.values():
-        status, body = model_ready(snapshot, model, None)
-        if status != 200:
-            problems.append(f"model {model.name}: {body['error']}")
-    if problems:
-        return 503, {"ready": False, "error": "; ".join(problems)}
+    """Ready when a table is loaded and every model has a version taking traffic that is ready.
+
+    Anyone may ask (load balancers and Kubernetes probes have no key), so the answer names no model
+    and no backend; the admin API has the details.
+    """
+    models = snapshot.table.models.values()
+    failing = sum(1 for model in models if model_ready(snapshot, model, None)[0] != 200)
+    if failing:
+        error = (
+            f"{failing} of {len(models)} model(s) have no ready version taking traffic (see the admin API)"
+        )
+        return 503, {"ready": False, "error": error}
     return 200, {"ready": True}
 
 
@@ -86,10 +94,14 @@ class Metadata:
     """Answers the GET endpoints against the current snapshot (`current()`)."""
 
     def __init__(
-        self, current: Callable[[], RoutingSnapshot], settled: Callable[[float], Awaitable[None]]
+        self,
+        current: Callable[[], RoutingSnapshot],
+        settled: Callable[[float], Awaitable[None]],
+        registry: Callable[[str, str], Mapping[str, Any] | None] = lambda model, version: None,
     ) -> None:
         self._current = current
         self._settled = settled  # waits until every version of the table has been checked once
+        self._registry = registry  # what the version registry says of (model, version), as last read
         self._session: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
@@ -128,7 +140,7 @@ class Metadata:
                 **payload,
                 "name": model.name,
                 "versions": [version.id] if pin else list(model.versions),
-                "gateway": public_metadata(model, version),
+                "gateway": public_metadata(model, version, self._registry(model.name, version.id)),
             }
         return 200, payload
 
@@ -146,5 +158,4 @@ class Metadata:
                     payload = None
                 return response.status, payload
         except (TimeoutError, aiohttp.ClientError) as exc:
-            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc) or type(exc).__name__
-            raise ConnectionError(f"backend {backend.name} is unavailable: {reason}") from exc
+            raise ConnectionError(f"backend {backend.name} is unavailable: {reason_of(exc)}") from exc

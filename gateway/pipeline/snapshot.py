@@ -14,6 +14,7 @@ mutable part is the router's position in each split cycle, which advances per re
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -53,6 +54,8 @@ class ModelRoute:
     model: Model
     versions: Mapping[str, VersionRoute]
     access: AccessPolicy
+    admission_needed: bool  # access.needed, precomputed: read on every request
+    metadata_access: AccessPolicy  # who may read its metadata: the key checks, without the limits
     sticky_header: bytes | None
     not_ready: str  # "2.1.3 is not ready: ...; ..." for the 503 when no version takes traffic
 
@@ -64,7 +67,6 @@ class RoutingSnapshot:
     router: Router
     health: HealthMap
     captured_headers: frozenset[bytes]
-    known_models: str  # for 404 messages: "a, b" or "none"
 
     def split_of(self, model: str) -> tuple[tuple[str, int], ...]:
         return self.router.split_of(model)
@@ -83,6 +85,7 @@ def build_snapshot(
     for name, model in table.models.items():
         unready = {v: h.detail for (m, v), h in health.items() if m == name and not h.ready}
         weights[name] = effective_split(model, overrides.get(name), frozenset(unready))
+        policy = access_policy(table, model)
         versions = {
             version.id: _version_route(model, version, pools[version.backend], stats, unready.get(version.id))
             for version in model.versions.values()
@@ -90,7 +93,9 @@ def build_snapshot(
         models[name] = ModelRoute(
             model,
             MappingProxyType(versions),
-            access_policy(table, model),
+            policy,
+            policy.needed,
+            dataclasses.replace(policy, limited=False),
             model.sticky_header.encode() if model.sticky_header else None,
             "; ".join(f"{v} is not ready: {why}" for v, why in unready.items()),
         )
@@ -101,7 +106,6 @@ def build_snapshot(
         Router(table, weights),
         MappingProxyType(dict(health)),
         FRAMING_HEADERS | PIPELINE_HEADERS | sticky,
-        ", ".join(sorted(table.models)) or "none",
     )
 
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 
 from gateway.access import keys
 from gateway.access.admission import AdmissionDecision, Caller
 from gateway.pipeline.errors import BEARER, Refusal
 from gateway.pipeline.snapshot import ModelRoute, RoutingSnapshot, VersionRoute
 from gateway.routing.decisions import Endpoint, Target, parse_path
-from gateway.stats.counters import Outcome
+from gateway.stats.counters import Choice, Outcome
 
 PATH_CACHE_SIZE = 4096
 MAX_REQUEST_ID = 200
@@ -71,13 +70,13 @@ def require_key(snapshot: RoutingSnapshot, caller: Caller) -> Refusal | None:
 def find_model(snapshot: RoutingSnapshot, target: Target) -> ModelRoute | Refusal:
     route = snapshot.models.get(target.model)
     if route is None:
-        return Refusal(404, f"unknown model {target.model!r}; models served here: {snapshot.known_models}")
+        # Not the list of models that exist: a caller learns only about the models it names.
+        return Refusal(404, f"unknown model {target.model!r}")
     return route
 
 
-def admission_refusal(decision: AdmissionDecision) -> Refusal | None:
-    if not decision.status:
-        return None
+def admission_refusal(decision: AdmissionDecision) -> Refusal:
+    """The refusal for a decision that is not an admission (status > 0)."""
     if decision.status == 401:
         return Refusal(401, decision.message, decision.headers + BEARER)
     return Refusal(decision.status, decision.message, decision.headers)
@@ -85,8 +84,12 @@ def admission_refusal(decision: AdmissionDecision) -> Refusal | None:
 
 def choose_version(
     snapshot: RoutingSnapshot, route: ModelRoute, path_pin: str, caller: Caller
-) -> VersionRoute | Refusal:
-    """Pin (path, then X-Model-Version; an id or an alias), else sticky cohort, else the split."""
+) -> tuple[VersionRoute, Choice] | Refusal:
+    """Pin (path, then X-Model-Version; an id or an alias), else sticky cohort, else the split.
+
+    Also says how the version was chosen: only the split's and the sticky hash's choices are a
+    rollout's evidence, since a caller who pins can pick what the canary is measured on.
+    """
     model = route.model
     pin = path_pin or (caller.header(b"x-model-version") or b"").decode("latin-1")
     if pin:
@@ -94,16 +97,18 @@ def choose_version(
         if version is None:
             versions = ", ".join(model.versions)
             return Refusal(404, f"model {model.name} has no version or alias {pin!r}; versions: {versions}")
+        how = Choice.PINNED
     else:
         sticky = caller.header(route.sticky_header) if route.sticky_header is not None else None
         version = snapshot.router.choose(model, sticky)
         if version is None:
             message = f"no version of model {model.name} is taking traffic"
             return Refusal(503, f"{message} ({route.not_ready})" if route.not_ready else message)
+        how = Choice.SPLIT if sticky is None else Choice.STICKY
     chosen = route.versions[version.id]
     if chosen.unready:
         return Refusal(503, f"version {version.id} of {model.name} is not ready: {chosen.unready}")
-    return chosen
+    return chosen, how
 
 
 def shadow_of(snapshot: RoutingSnapshot, route: ModelRoute, chosen: VersionRoute) -> VersionRoute | None:
@@ -114,6 +119,9 @@ def shadow_of(snapshot: RoutingSnapshot, route: ModelRoute, chosen: VersionRoute
     return None if shadow is None else route.versions[shadow.id]
 
 
-def record(route: VersionRoute, status: int, outcome: Outcome, started: float) -> None:
-    """The last step: count the answer against the version that gave it."""
-    route.counters.record(status, outcome, time.perf_counter() - started)
+def record(route: VersionRoute, how: Choice, status: int, outcome: Outcome, seconds: float) -> None:
+    """The last step: count the answer for the version that gave it, apart by how it was chosen.
+
+    `seconds` is the backend's time, request sent to response received (forward.py).
+    """
+    route.counters.record(status, outcome, seconds, how)

@@ -1,15 +1,23 @@
 """The rollout controller: applies the engine's decisions. One process decides, every process follows.
 
 Every second each gateway process publishes its cumulative per-version statistics to the store and
-tries to take (or renew) the controller lease. The holder merges every process's statistics, feeds
-the engine, and writes each rollout's record (state, weights, evidence) to the store. Every process,
-holder or not, reads the records and routes by their weights. Killing the holder stops its renewals;
-another process takes the lease when it expires (LEASE_TTL) and carries on from the stored state, so
-no step is taken twice.
+tries to take (or renew) the controller lease. The holder feeds what each process served since its
+last reading into the rollout's ledger (`gateway.stats.accounting`: a process that leaves, restarts or
+stalls is never counted twice), feeds the engine, and writes each rollout's record (state, weights,
+ledger, evidence) to the store, each write conditional on still holding the lease with the fencing
+token it was granted: a holder that stalled past its lease cannot overwrite its successor. Every
+process, holder or not, reads the records and routes by their weights. Killing the holder stops its
+renewals; another process takes the lease when it expires (LEASE_TTL) and carries on from the stored
+record, ledger included, so no step is taken twice and no request counted twice.
+
+Times in the record (step starts, history, ledger) are the store's clock, so a new holder on another
+machine measures from the same origin. The audit log is written after the record, and best-effort: a
+failed audit write (counted by the worker's `AuditLog`) never holds up or undoes the decision.
 
 A record is keyed by the model and carries a digest of the rollout's spec (its settings and the two
 versions' definitions): a rolled-back canary stays rolled back across restarts and reloads of the same
-file, and a changed spec starts a new rollout.
+file, and a changed spec starts a new rollout, with a new record id that no earlier operator command
+names (`OperatorCommand.applies_to`).
 """
 
 from __future__ import annotations
@@ -17,14 +25,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from gateway.rollout.engine import Observation, counts_of, decide, initial_state
+from gateway.rollout.engine import Decision, Observation, decide, initial_state
 from gateway.rollout.records import (
     HistoryEvent,
-    Offset,
     OperatorCommand,
     RolloutRecord,
     command_name,
@@ -33,9 +41,12 @@ from gateway.rollout.records import (
     record_name,
     write_record,
 )
+from gateway.rollout.sequential import Counts
 from gateway.routing.table import Model, RouteTable
-from gateway.stats.counters import Stats, Totals
-from gateway.stats.records import ProcessStats
+from gateway.stats.accounting import Ledger, Reading
+from gateway.stats.counters import Stats
+from gateway.stats.kinds import CHOICES, EVIDENCE, Choice
+from gateway.stats.records import ProcessStats, Tally
 from gateway.store.base import Store
 from gateway.typed_json import RecordError, WarnOnce
 
@@ -47,6 +58,8 @@ STATS_TTL = 5.0
 HISTORY = 50
 FINISHED = ("promoted", "rolled_back")
 Weights = dict[str, tuple[tuple[str, int], ...]]
+Audit = Callable[[str, dict[str, Any]], None]
+Hold = Callable[[Model], Awaitable[str | None]]
 
 
 def spec_digest(model: Model) -> str:
@@ -54,10 +67,6 @@ def spec_digest(model: Model) -> str:
     assert rollout is not None
     spec = (rollout, model.versions[rollout.baseline], model.versions[rollout.canary])
     return hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
-
-
-def merged(processes: Sequence[ProcessStats], key: str) -> Totals:
-    return Totals.merge([p.versions[key] for p in processes if key in p.versions])
 
 
 def weights_of(model: Model, canary_weight: int) -> tuple[tuple[str, int], ...]:
@@ -70,20 +79,59 @@ def weights_of(model: Model, canary_weight: int) -> tuple[tuple[str, int], ...]:
     )
 
 
-def new_record(model: Model, now: float, processes: Sequence[ProcessStats]) -> RolloutRecord:
+def readings_of(model: Model, processes: Sequence[ProcessStats]) -> list[Reading]:
+    """Each process's tallies of the rollout's two versions, keyed "<version>/<choice>"."""
+    rollout = model.rollout
+    assert rollout is not None
+    readings = []
+    for process in processes:
+        tallies: dict[str, Tally] = {}
+        for version in (rollout.baseline, rollout.canary):
+            stats = process.versions.get(f"{model.name}/{version}")
+            if stats is not None and stats.choices is not None:
+                tallies |= {f"{version}/{choice}": stats.tally(choice) for choice in CHOICES}
+        readings.append(Reading(process.process, process.started, tallies))
+    return readings
+
+
+def evidence_of(ledger: Ledger, version: str) -> Counts:
+    """The engine's counts: the split's and the sticky hash's requests, never a caller's fault."""
+    tally = Tally.total(ledger.total(f"{version}/{CHOICES[choice]}") for choice in EVIDENCE)
+    return Counts(tally.requests, tally.failures, tally.buckets)
+
+
+def traffic_of(model: Model, ledger: Ledger) -> dict[str, Any]:
+    """This step's traffic per version and choice, for the evidence: what counted and what did not."""
+    rollout = model.rollout
+    assert rollout is not None
+    view: dict[str, Any] = {}
+    for version in (rollout.baseline, rollout.canary):
+        rows = {}
+        for choice in Choice:
+            tally = ledger.total(f"{version}/{CHOICES[choice]}")
+            rows[CHOICES[choice]] = {
+                "requests": tally.requests,
+                "failures": tally.failures,
+                "caller_faults": tally.caller_faults,
+                "evidence": choice in EVIDENCE,
+            }
+        view[version] = rows
+    return view
+
+
+def new_record(model: Model, record_id: str, now: float, readings: Sequence[Reading]) -> RolloutRecord:
+    """A rollout's first record: its first step, and a ledger whose marks are what processes served so far."""
     rollout = model.rollout
     assert rollout is not None
     state = initial_state(rollout, now)
     return RolloutRecord(
         model=model.name,
         spec=spec_digest(model),
+        id=record_id,
         baseline=rollout.baseline,
         canary=rollout.canary,
         state=state,
-        offset=Offset.of(
-            merged(processes, f"{model.name}/{rollout.baseline}"),
-            merged(processes, f"{model.name}/{rollout.canary}"),
-        ),
+        ledger=Ledger.begin(now).take(now, readings),
         history=(HistoryEvent(now, "start", state.weight, "controller"),),
         evidence={},
         updated=now,
@@ -106,6 +154,39 @@ def operator_action(record: RolloutRecord, action: str, who: str, now: float) ->
     return dataclasses.replace(record, state=state, history=history, updated=now)
 
 
+def advance(
+    model: Model,
+    record: RolloutRecord,
+    now: float,
+    readings: Sequence[Reading],
+    canary_ready: bool,
+    consecutive_failures: int,
+) -> tuple[RolloutRecord, Decision]:
+    """One round of a running rollout: take in the readings, decide, and the record that results."""
+    rollout = model.rollout
+    assert rollout is not None
+    ledger = record.ledger.take(now, readings)
+    observation = Observation(
+        evidence_of(ledger, rollout.baseline),
+        evidence_of(ledger, rollout.canary),
+        canary_ready,
+        consecutive_failures,
+        now,
+    )
+    state, decision = decide(rollout, record.state, observation)
+    evidence = {**decision.evidence, "traffic": traffic_of(model, ledger)}
+    history = record.history
+    if decision.action != "continue":
+        event = HistoryEvent(now, decision.action, decision.weight, "controller", evidence)
+        history = (*history, event)[-HISTORY:]
+    if decision.action == "step_up":
+        ledger = ledger.restart()  # the engine counts the new step from zero too
+    record = dataclasses.replace(
+        record, state=state, ledger=ledger, history=history, evidence=evidence, updated=now
+    )
+    return record, decision
+
+
 class RolloutController:
     def __init__(
         self,
@@ -114,16 +195,20 @@ class RolloutController:
         stats: Stats,
         ready: Callable[[str, str], bool],
         on_weights: Callable[[Weights], None],
-        on_event: Callable[[str, dict[str, Any]], None] = lambda model, event: None,
+        on_event: Audit = lambda model, event: None,
+        hold: Hold | None = None,
     ) -> None:
         self.store = store
-        self.process_id = process_id
+        self.hold = hold  # why a rollout may not start yet (the schema gate), None when it may
+        # This run's own id: a restart with the same pid is another run, whose counters began at zero.
+        self.process_id = f"{process_id}:{secrets.token_hex(4)}"
         self.stats = stats
         self.ready = ready  # (model, version) -> does this process see it ready
         self.on_weights = on_weights
         self.on_event = on_event  # every start and decision (as JSON), for the audit log
         self.leader = False
         self.records: dict[str, RolloutRecord] = {}
+        self._started: float | None = None  # when self.stats began, on the store's clock
         self._warned = WarnOnce()  # every process reads every record every second
 
     async def tick(self, table: RouteTable) -> None:
@@ -134,13 +219,23 @@ class RolloutController:
                 self.records = {}
                 self.on_weights({})
             return
-        published = ProcessStats(self.stats.snapshot().versions)
+        if self._started is None:
+            # Read after the answer, so the estimate is never later than the truth: a run taken to have
+            # started earlier only ever loses a second of counts (see accounting), never doubles them.
+            store_now = await self.store.time()
+            self._started = store_now - (time.monotonic() - self.stats.created)
+        published = ProcessStats(self.process_id, self._started, self.stats.snapshot().versions)
         await self.store.put_stats(self.process_id, published.to_json(), STATS_TTL)
-        self.leader = await self.store.lease(LEASE, self.process_id, LEASE_TTL)
+        token = await self.store.lease(LEASE, self.process_id, LEASE_TTL)
+        self.leader = token > 0
         if self.leader:
-            processes = self._processes(await self.store.get_stats())
+            view = await self.store.get_stats()
+            processes = self._processes(view.stats)
             for model in models:
-                await self._decide(model, processes)
+                if not await self._decide(model, processes, view.now, token):
+                    log.warning("rollout control: the lease was lost while deciding; not writing")
+                    self.leader = False
+                    break
         weights: Weights = {}
         records = {}
         for model in models:
@@ -184,13 +279,18 @@ class RolloutController:
         self._warned.forget(command_name(model))
         return command
 
-    async def _decide(self, model: Model, processes: list[ProcessStats]) -> None:
+    async def _decide(self, model: Model, processes: list[ProcessStats], now: float, token: int) -> bool:
+        """Decide one model's rollout and store the record; False if the lease was lost meanwhile."""
         rollout = model.rollout
         assert rollout is not None
-        now = time.time()
         record = await self._record(model.name)
+        readings = readings_of(model, processes)
         if record is None or record.spec != spec_digest(model):
-            record = new_record(model, now, processes)
+            if self.hold is not None and await self.hold(model) is not None:
+                return True  # held, and the hold says why; without a record the canary gets no traffic
+            record = new_record(model, secrets.token_hex(8), now, readings)
+            if not await write_record(self.store, record, LEASE, token):
+                return False
             log.info(
                 "rollout of %s %s -> %s started at %d%%",
                 model.name,
@@ -198,42 +298,37 @@ class RolloutController:
                 rollout.canary,
                 record.state.weight,
             )
-            await write_record(self.store, record)
-            self.on_event(model.name, record.history[-1].to_json())
-            return
+            self._audit(model.name, record.history[-1].to_json())
+            return True
         command = await self._command(model.name)
-        if command is not None and command.id != record.last_command:
+        if command is not None and command.applies_to(record):
             try:
                 record = operator_action(record, command.action, command.who, now)
                 log.warning("rollout of %s: %s by %s", model.name, command.action, command.who)
+                applied = True
             except ValueError as exc:
                 log.warning(
                     "rollout of %s: %s by %s ignored: %s", model.name, command.action, command.who, exc
                 )
-            await write_record(self.store, dataclasses.replace(record, last_command=command.id))
-            return
-        state = record.state
-        if state.phase in FINISHED:
-            return
-        base_key, canary_key = f"{model.name}/{rollout.baseline}", f"{model.name}/{rollout.canary}"
-        baseline, canary = merged(processes, base_key), merged(processes, canary_key)
+                applied = False
+            written = await write_record(
+                self.store, dataclasses.replace(record, last_command=command.id), LEASE, token
+            )
+            if written and applied:
+                self._audit(model.name, record.history[-1].to_json())  # "by" names the operator
+            return written
+        if record.state.phase in FINISHED:
+            return True
+        canary_key = f"{model.name}/{rollout.canary}"
         consecutive = max(
             (p.versions[canary_key].consecutive_failures for p in processes if canary_key in p.versions),
             default=0,
         )
-        observation = Observation(
-            counts_of(baseline.minus(record.offset.baseline)),
-            counts_of(canary.minus(record.offset.canary)),
-            self.ready(model.name, rollout.canary),
-            consecutive,
-            now,
-        )
-        state, decision = decide(rollout, state, observation)
-        history = record.history
+        ready = self.ready(model.name, rollout.canary)
+        record, decision = advance(model, record, now, readings, ready, consecutive)
+        if not await write_record(self.store, record, LEASE, token):
+            return False
         if decision.action != "continue":
-            event = HistoryEvent(now, decision.action, decision.weight, "controller", decision.evidence)
-            history = (*history, event)[-HISTORY:]
-            self.on_event(model.name, event.to_json())
             log.warning(
                 "rollout of %s: %s to %d%%: %s",
                 model.name,
@@ -241,12 +336,12 @@ class RolloutController:
                 decision.weight,
                 decision.evidence.get("reason", ""),
             )
-        record = dataclasses.replace(
-            record,
-            state=state,
-            offset=Offset.of(baseline, canary) if decision.action == "step_up" else record.offset,
-            history=history,
-            evidence=decision.evidence,
-            updated=now,
-        )
-        await write_record(self.store, record)
+            self._audit(model.name, record.history[-1].to_json())
+        return True
+
+    def _audit(self, model: str, event: dict[str, Any]) -> None:
+        """After the record is stored, and best-effort: an unwritable audit log never undoes a decision."""
+        try:
+            self.on_event(model, event)
+        except Exception:
+            log.exception("rollout of %s: %s stands, but auditing it failed", model, event.get("action"))

@@ -49,11 +49,6 @@ MIN_CANARY_REQUESTS = DEFAULT_MIN_STEP_REQUESTS  # and serves at least this many
 FINISHED: tuple[Phase, ...] = ("promoted", "rolled_back")
 
 
-def counts_of(totals: Totals) -> Counts:
-    """A version's counts from merged store totals (usually `later.minus(at_step_start)`)."""
-    return Counts(totals.requests, totals.failures, totals.buckets)
-
-
 @dataclass(frozen=True, slots=True)
 class Observation:
     """Counts per version since the current step started (cumulative), and the guardrail inputs."""

@@ -10,12 +10,12 @@ API reports it unreadable.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from gateway.rollout.engine import Phase, RolloutState
 from gateway.rollout.sequential import Counts, TestStats
-from gateway.stats.counters import Totals
+from gateway.stats.accounting import Ledger
 from gateway.store.base import Store
 from gateway.typed_json import Fields, RecordError
 
@@ -58,47 +58,6 @@ class HistoryEvent:
         return cls(f.number("time"), f.text("action"), f.integer("weight"), f.text("by"), evidence)
 
 
-def _totals_json(totals: Totals) -> dict[str, Any]:
-    return {
-        "statuses": list(totals.statuses),
-        "outcomes": list(totals.outcomes),
-        "buckets": list(totals.buckets),
-        "latency_sum": totals.latency_sum,
-        "in_flight": totals.in_flight,
-    }
-
-
-def _read_totals(f: Fields) -> Totals:
-    read = Totals(
-        f.integers("statuses"),
-        f.integers("outcomes"),
-        f.integers("buckets"),
-        f.number("latency_sum"),
-        f.integer("in_flight"),
-    )
-    return Totals.merge([read])  # to this release's list lengths, which `Totals.minus` relies on
-
-
-@dataclass(frozen=True, slots=True)
-class Offset:
-    """Each version's merged totals when the current step started; the step's counts are taken from it."""
-
-    baseline: Totals
-    canary: Totals
-
-    @classmethod
-    def of(cls, baseline: Totals, canary: Totals) -> Offset:
-        # In flight is a gauge: subtracting it means nothing, and a stored 0 keeps records comparable.
-        return cls(replace(baseline, in_flight=0), replace(canary, in_flight=0))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"baseline": _totals_json(self.baseline), "canary": _totals_json(self.canary)}
-
-    @classmethod
-    def read(cls, f: Fields) -> Offset:
-        return cls(_read_totals(f.child("baseline")), _read_totals(f.child("canary")))
-
-
 def _read_counts(f: Fields) -> Counts:
     requests, failures, buckets = f.integer("requests"), f.integer("failures"), f.integers("buckets")
     try:
@@ -135,23 +94,25 @@ class RolloutRecord:
 
     model: str
     spec: str  # `spec_digest` of the rollout it belongs to; another digest means another rollout
+    id: str  # this record's own: an operator's command names it, so it cannot act on a later rollout
     baseline: str
     canary: str
     state: RolloutState
-    offset: Offset
+    ledger: Ledger  # what each process served in the current step, each request once (see accounting)
     history: tuple[HistoryEvent, ...]
     evidence: Mapping[str, Any]  # behind the latest decision
-    updated: float
+    updated: float  # on the store's clock, like every time in the record
     last_command: int | None = None  # the id of the operator command applied last
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "model": self.model,
             "spec": self.spec,
+            "id": self.id,
             "baseline": self.baseline,
             "canary": self.canary,
             "state": self.state.to_json(),
-            "offset": self.offset.to_json(),
+            "ledger": self.ledger.to_json(),
             "history": [event.to_json() for event in self.history],
             "evidence": dict(self.evidence),
             "updated": self.updated,
@@ -166,10 +127,11 @@ class RolloutRecord:
         return cls(
             f.text("model"),
             f.text("spec"),
+            f.text("id") if f.has("id") else "",  # written before records had ids
             f.text("baseline"),
             f.text("canary"),
             _read_state(f.child("state")),
-            Offset.read(f.child("offset")),
+            Ledger.read(f.child("ledger")),
             tuple(HistoryEvent.read(event) for event in f.entries("history")),
             f.json_object("evidence"),
             f.number("updated"),
@@ -184,14 +146,26 @@ class RolloutRecord:
 
 @dataclass(frozen=True, slots=True)
 class OperatorCommand:
-    """An operator's action for the controller to apply; a new id makes it a new command."""
+    """An operator's action for the controller to apply, at most once, to the one rollout it names.
+
+    A new id makes it a new command. `rollout` is the id of the record the operator acted on: once that
+    rollout ends or its spec changes (a new record, a new id), the command is ignored, so a `promote`
+    given to one rollout can never promote the next one.
+    """
 
     id: int
     action: OperatorAction
     who: str
+    rollout: str | None = None  # RolloutRecord.id; None (a command of an older release) matches none
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "action": self.action, "who": self.who}
+        data: dict[str, Any] = {"id": self.id, "action": self.action, "who": self.who}
+        if self.rollout is not None:
+            data["rollout"] = self.rollout
+        return data
+
+    def applies_to(self, record: RolloutRecord) -> bool:
+        return self.rollout == record.id and self.id != record.last_command
 
     @classmethod
     def from_json(cls, data: object) -> OperatorCommand:
@@ -199,7 +173,8 @@ class OperatorCommand:
         action = f.text("action")
         if action not in ACTIONS:
             raise RecordError(f"{f.where}.action: expected one of {', '.join(ACTIONS)}, got {action!r}")
-        return cls(f.integer("id"), action, f.text("who"))
+        rollout = f.text("rollout") if f.has("rollout") else None
+        return cls(f.integer("id"), action, f.text("who"), rollout)
 
 
 async def _get(store: Store, name: str) -> object:
@@ -215,8 +190,13 @@ async def read_record(store: Store, model: str) -> RolloutRecord | None:
     return None if data is None else RolloutRecord.from_json(data)
 
 
-async def write_record(store: Store, record: RolloutRecord) -> None:
-    await store.put_state(record_name(record.model), record.to_json())
+async def write_record(store: Store, record: RolloutRecord, lease: str, token: int) -> bool:
+    """Store the record if lease `lease` is still held with fencing token `token`; False if not.
+
+    One atomic step in the store, so a controller that stalled past its lease (another one has
+    taken over since) cannot overwrite the newer decisions.
+    """
+    return await store.put_state_fenced(record_name(record.model), record.to_json(), lease, token)
 
 
 async def read_command(store: Store, model: str) -> OperatorCommand | None:

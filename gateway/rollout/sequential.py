@@ -223,9 +223,11 @@ class Counts:
             raise ValueError(f"expected {BUCKETS} latency buckets, got {len(self.buckets)}")
 
     def minus(self, earlier: Counts) -> Counts:
-        """What happened since `earlier`; counts that went down mean a reset, so all of them are new."""
-        if self.requests < earlier.requests:
-            return self
+        """What happened since `earlier`, an earlier reading of the same step's counts.
+
+        Those never go down (the ledger of gateway.stats.accounting adds only increments), so a count
+        below `earlier` is never taken for a reset: that would feed the same events in twice.
+        """
         return Counts(
             max(0, self.requests - earlier.requests),
             max(0, self.failures - earlier.failures),

@@ -53,9 +53,9 @@ __all__ = ["ConfigError", "ConfigIssue", "load_table", "parse_table"]
 T = TypeVar("T")
 
 TOP_KEYS = ("backends", "models", "keys", "store", "server")
-BACKEND_KEYS = ("url", "timeout", "connect_timeout", "max_connections")
+BACKEND_KEYS = ("url", "timeout", "connect_timeout", "max_connections", "queue_timeout", "max_queue")
 MODEL_KEYS = ("versions", "aliases", "split", "sticky", "mirror", "rollout", "limit")
-VERSION_KEYS = ("backend", "target", "metadata")
+VERSION_KEYS = ("backend", "target", "metadata", "archive", "allow_schema_change")
 MIRROR_KEYS = ("to", "percent")
 ROLLOUT_KEYS = (
     "baseline",
@@ -75,6 +75,8 @@ BACKEND_SETTINGS: Mapping[str, Callable[[str], Any]] = {
     "timeout": units.duration,
     "connect_timeout": units.duration,
     "max_connections": units.at_least_one,
+    "queue_timeout": units.duration,
+    "max_queue": units.at_least_one,
 }
 ROLLOUT_SETTINGS: Mapping[str, Callable[[str], Any]] = {
     "max_error_rate_increase": units.error_rate,
@@ -95,6 +97,9 @@ SERVER_SETTINGS: Mapping[str, Callable[[str], Any]] = {
     "header_timeout": units.duration,
     "body_timeout": units.duration,
     "keepalive_timeout": units.duration,
+    "write_timeout": units.duration,
+    "max_buffered_bytes": units.size,
+    "max_connections": units.at_least_one,
 }
 SERVER_KEYS = tuple(SERVER_SETTINGS)
 
@@ -368,9 +373,23 @@ def _version(
     metadata_entry = _present(settings, "metadata")
     if metadata_entry is not None:
         metadata = _metadata(r, metadata_entry.value, f"metadata of {what}")
-    if backend is None or target is None or metadata is None:
+    archive = r.optional(settings, "archive", f"archive of {what}", units.archive_digest, "")
+    allow = r.optional(
+        settings, "allow_schema_change", f"allow_schema_change of {what}", units.boolean, False
+    )
+    if backend is None or target is None or metadata is None or archive is None or allow is None:
         return None
-    return Version(version_id, backend, target[0], target[1], metadata)
+    positions = {"version": _position(item.key_node)}
+    for key in ("archive", "target"):
+        if key in settings:
+            positions[key] = _position(settings[key].value)
+    return Version(
+        version_id, backend, target[0], target[1], metadata, archive, allow, MappingProxyType(positions)
+    )
+
+
+def _position(node: Node) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
 
 
 def _metadata(r: _Reader, node: Node, what: str) -> Mapping[str, Any] | None:

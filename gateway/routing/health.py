@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,18 @@ class Health:
     ready: bool
     detail: str  # why not, in words; "" when ready
     checked_at: float
+
+
+def reason_of(exc: BaseException) -> str:
+    """Why a request to a backend failed, in words that name no address (they reach clients)."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        exc = exc.os_error
+    if isinstance(exc, OSError):
+        # From the errno, not `strerror`: asyncio puts the address in that ("Connect call failed (...)").
+        return os.strerror(exc.errno).lower() if exc.errno else "connection failed"
+    return type(exc).__name__
 
 
 class HealthChecker:
@@ -136,8 +149,9 @@ class HealthChecker:
                     return Health(True, "", time.time())
                 return Health(False, f"{path} answered {response.status}", time.time())
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc) or type(exc).__name__
-            return Health(False, f"cannot reach {backend.host}:{backend.port}: {reason}", time.time())
+            reason = reason_of(exc)
+            log.debug("cannot reach backend %s at %s:%d: %s", backend.name, backend.host, backend.port, exc)
+            return Health(False, f"cannot reach backend {backend.name}: {reason}", time.time())
 
     async def _run(self) -> None:
         while True:

@@ -20,6 +20,8 @@ EMPTY: Mapping[str, Any] = MappingProxyType({})
 DEFAULT_BACKEND_TIMEOUT = 30.0  # seconds
 DEFAULT_CONNECT_TIMEOUT = 2.0  # seconds
 DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_QUEUE_TIMEOUT = 2.0  # seconds a request waits for a pooled connection before its 503
+DEFAULT_MAX_QUEUE = 1024  # requests waiting for a pooled connection, per backend
 DEFAULT_STEPS = (5, 25, 50, 100)  # canary traffic percentages
 DEFAULT_MAX_ERROR_RATE_INCREASE = 0.005  # half a percentage point
 DEFAULT_MAX_LATENCY_INCREASE = 0.2  # +20% on p95
@@ -38,6 +40,11 @@ DEFAULT_MAX_HEADERS = 100
 DEFAULT_HEADER_TIMEOUT = 10.0  # seconds
 DEFAULT_BODY_TIMEOUT = 60.0  # seconds
 DEFAULT_KEEPALIVE_TIMEOUT = 75.0  # seconds
+DEFAULT_WRITE_TIMEOUT = 30.0  # seconds a client may leave our answer unread before it is cut off
+# Per worker. Sized for the 2-core, 24 GiB machine this is developed on: a few hundred MiB of bodies in
+# flight, and connections well below the file descriptor limit (20,000 there).
+DEFAULT_MAX_BUFFERED_BYTES = 512 * 1024 * 1024
+DEFAULT_MAX_CLIENT_CONNECTIONS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +58,8 @@ class Backend:
     timeout: float = DEFAULT_BACKEND_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # pooled keep-alive connections, idle and busy together
+    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
+    max_queue: int = DEFAULT_MAX_QUEUE
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +73,12 @@ class Version:
     metadata: Mapping[str, Any] = field(
         default_factory=lambda: EMPTY
     )  # training data hash, metrics, commit: reported, never interpreted
+    archive: str = ""  # "sha256:..." of the version's archive (see gateway.artifacts); "" when not named
+    allow_schema_change: bool = False  # let the schema gate pass a version whose tensors differ (audited)
+    # Where the version's settings are written ("version" is its key), so checks made after parsing (the
+    # registry's) can still say file:line:column. Not part of the version's identity: moving a line
+    # changes no digest.
+    positions: Mapping[str, tuple[int, int]] = field(default_factory=lambda: EMPTY, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +162,9 @@ class ServerSettings:
     header_timeout: float = DEFAULT_HEADER_TIMEOUT  # a client must send a whole request head within this
     body_timeout: float = DEFAULT_BODY_TIMEOUT  # and its body within this, counted from the end of the head
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT  # idle keep-alive connections are closed after this
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT  # a client that reads nothing of our answer for this long
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES  # request bodies held by one worker, all together
+    max_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS  # open client connections per worker
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # Triton model names become segments of upstream URL paths, so they get the same safe alphabet.
 _TARGET = re.compile(r"([A-Za-z0-9_.-]+)(?:/([0-9]+))?")
+_ARCHIVE_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 STORE_SCHEMES = ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster")
 ON_ERROR = ("fail_closed", "fail_open")
 _TRUE = ("true", "yes")
@@ -166,6 +167,14 @@ def target(text: str) -> tuple[str, str]:
             f"not '{text}'"
         )
     return match[1], match[2] or ""
+
+
+def archive_digest(text: str) -> str:
+    """An archive's digest as `gateway archive inspect` prints it."""
+    value = text.strip()
+    if _ARCHIVE_DIGEST.fullmatch(value) is None:
+        raise ValueError(f"must be an archive digest, sha256: and 64 lower-case hex digits, not '{text}'")
+    return value
 
 
 def backend_url(text: str) -> tuple[str, int]:

@@ -9,9 +9,10 @@ hand, written by another release) is skipped as a whole instead of failing the v
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.artifacts.gate import GateView
 from gateway.rollout.records import RolloutRecord
 from gateway.stats.records import StatsRecord
 from gateway.typed_json import Fields, RecordError
@@ -224,9 +225,11 @@ class WorkerSnapshot:
     admission: AdmissionView
     rollouts: RolloutsView
     internal_errors: int  # bugs the exception boundary caught (answered 500 or aborted)
+    audit_failures: int  # audit log lines this worker could not write
     # The reader's judgment from `time` (`read_snapshots` sets it), never written: a worker that stops
     # cannot say so.
     alive: bool = True
+    schema_gate: GateView = field(default_factory=GateView)  # rollouts it holds back, refusals
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -246,6 +249,8 @@ class WorkerSnapshot:
             "admission": self.admission.to_json(),
             "rollouts": self.rollouts.to_json(),
             "internal_errors": self.internal_errors,
+            "audit_failures": self.audit_failures,
+            "schema_gate": self.schema_gate.to_json(),
         }
 
     @classmethod
@@ -269,4 +274,6 @@ class WorkerSnapshot:
             admission=AdmissionView.read(f.child("admission")),
             rollouts=RolloutsView.read(f.child("rollouts")),
             internal_errors=f.integer("internal_errors"),
+            audit_failures=f.integer("audit_failures"),
+            schema_gate=GateView.read(f.child("schema_gate")) if f.has("schema_gate") else GateView(),
         )

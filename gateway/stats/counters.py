@@ -7,40 +7,37 @@ rate or a quantile over the last minute is the difference of two merged snapshot
 
 Latency buckets are log-spaced from 1 ms to 30 s (each bound about 1.25 times the previous one), fine
 enough for a p95 to within about 12% and cheap to merge.
+
+Each version also keeps one tally per way it was chosen (split, sticky, pinned, shadow: `Choice`). Only
+split and sticky traffic is a rollout's evidence, and only answers that are not the caller's fault
+(`Outcome.CLIENT_ERROR`, `Outcome.ABANDONED`) count as requests or latencies there; the per-version
+totals beside them stay what clients were answered, for metrics and the live views.
 """
 
 from __future__ import annotations
 
 import bisect
-import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Any
 
-from gateway.stats.records import StatsRecord, VersionStats
+from gateway.stats.kinds import (
+    BUCKET_FACTOR,
+    BUCKETS,
+    CHOICES,
+    LATENCY_BUCKETS,
+    OUTCOMES,
+    Choice,
+    Outcome,
+)
+from gateway.stats.records import StatsRecord, Tally, VersionStats
 
-BUCKET_FACTOR = 1.25
-_FIRST_BUCKET = 0.001
-_LAST_BUCKET = 30.0
-LATENCY_BUCKETS: tuple[float, ...] = tuple(
-    round(_FIRST_BUCKET * BUCKET_FACTOR**i, 6)
-    for i in range(math.ceil(math.log(_LAST_BUCKET / _FIRST_BUCKET, BUCKET_FACTOR)) + 1)
-)  # upper bounds in seconds; one more bucket (+Inf) follows
+__all__ = ["BUCKET_FACTOR", "LATENCY_BUCKETS", "OUTCOMES", "STATUS_CLASSES", "Choice", "Outcome"]
 
-
-class Outcome(IntEnum):
-    """What became of a request that was routed to a version."""
-
-    OK = 0  # 1xx-3xx from the backend
-    CLIENT_ERROR = 1  # 4xx from the backend: the caller's fault, never the version's
-    SERVER_ERROR = 2  # 5xx from the backend
-    TIMEOUT = 3  # the backend did not answer in time
-    UPSTREAM_ERROR = 4  # could not connect, or the connection broke
-
-
-OUTCOMES = tuple(outcome.name.lower() for outcome in Outcome)
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+_CALLER_FAULT = (False, True, False, False, False, True)  # by Outcome: see kinds.CALLER_FAULTS
+_FAILURE = (False, False, True, True, True, False)
 
 
 def outcome_of(status: int) -> Outcome:
@@ -51,28 +48,58 @@ def outcome_of(status: int) -> Outcome:
     return Outcome.OK
 
 
+class _Tally:
+    """A `Tally` as it is counted: plain lists, incremented in place."""
+
+    __slots__ = ("buckets", "latency_sum", "outcomes")
+
+    def __init__(self) -> None:
+        self.outcomes = [0] * len(Outcome)
+        self.buckets = [0] * BUCKETS
+        self.latency_sum = 0.0
+
+    def frozen(self) -> Tally:
+        return Tally(tuple(self.outcomes), tuple(self.buckets), self.latency_sum)
+
+
 class VersionCounters:
     """Cumulative totals for one (model, version) in this process."""
 
-    __slots__ = ("buckets", "consecutive_failures", "in_flight", "latency_sum", "outcomes", "statuses")
+    __slots__ = (
+        "buckets",
+        "consecutive_failures",
+        "in_flight",
+        "latency_sum",
+        "outcomes",
+        "statuses",
+        "tallies",
+    )
 
     def __init__(self) -> None:
         self.statuses = [0] * len(STATUS_CLASSES)  # responses sent to clients, by status class
         self.outcomes = [0] * len(Outcome)
-        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # non-cumulative; the last one is +Inf
+        self.buckets = [0] * BUCKETS  # non-cumulative; the last one is +Inf
         self.latency_sum = 0.0
         self.in_flight = 0
         self.consecutive_failures = 0  # the rollout's guardrail: a run of failures acts at once
+        self.tallies = tuple(_Tally() for _ in Choice)
 
-    def record(self, status: int, outcome: Outcome, seconds: float) -> None:
+    def record(self, status: int, outcome: Outcome, seconds: float, choice: Choice = Choice.SPLIT) -> None:
+        """One answer; `seconds` is the backend's time (request sent to response received)."""
+        bucket = bisect.bisect_left(LATENCY_BUCKETS, seconds)
+        tally = self.tallies[choice]
+        tally.outcomes[outcome] += 1
+        if not _CALLER_FAULT[outcome]:
+            tally.buckets[bucket] += 1
+            tally.latency_sum += seconds
+            if choice <= Choice.STICKY:  # only the experiment's own traffic feeds its guardrail
+                self.consecutive_failures = self.consecutive_failures + 1 if _FAILURE[outcome] else 0
+        if choice is Choice.SHADOW:
+            return  # nobody was answered
         self.statuses[min(status // 100, 5) - 1] += 1
         self.outcomes[outcome] += 1
-        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.buckets[bucket] += 1
         self.latency_sum += seconds
-        if outcome >= Outcome.SERVER_ERROR:
-            self.consecutive_failures += 1
-        elif outcome == Outcome.OK:
-            self.consecutive_failures = 0
 
     def snapshot(self) -> VersionStats:
         return VersionStats(
@@ -82,6 +109,7 @@ class VersionCounters:
             self.latency_sum,
             self.in_flight,
             self.consecutive_failures,
+            {name: tally.frozen() for name, tally in zip(CHOICES, self.tallies, strict=True)},
         )
 
 
@@ -90,7 +118,7 @@ class _Uncounted(VersionCounters):
 
     __slots__ = ()
 
-    def record(self, status: int, outcome: Outcome, seconds: float) -> None:
+    def record(self, status: int, outcome: Outcome, seconds: float, choice: Choice = Choice.SPLIT) -> None:
         pass
 
 
@@ -99,6 +127,7 @@ class Stats:
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
+        self.created = time.monotonic()  # when every counter here began at zero
         self.versions: dict[tuple[str, str], VersionCounters] = {}
         self.unrouted = [0] * len(STATUS_CLASSES)  # answers the gateway gave without a version: 4xx mostly
 
@@ -122,13 +151,18 @@ class Stats:
 
 @dataclass(frozen=True)
 class Totals:
-    """Merged cumulative totals for one version, across processes."""
+    """Merged cumulative totals for one version, across processes, for the admin views and metrics.
+
+    Not for a rollout's evidence: a merge drops a process that leaves and restarts one from zero, so
+    its differences can count requests twice (gateway.stats.accounting counts them once).
+    """
 
     statuses: tuple[int, ...]
     outcomes: tuple[int, ...]
     buckets: tuple[int, ...]
     latency_sum: float
     in_flight: int
+    choices: tuple[Tally, ...] = tuple(Tally() for _ in Choice)  # by Choice
 
     @property
     def requests(self) -> int:
@@ -146,12 +180,18 @@ class Totals:
                     total[i] += value
             return tuple(total)
 
+        def tallies(part: VersionStats | Totals) -> Sequence[Tally]:
+            if isinstance(part, Totals):
+                return part.choices
+            return [part.tally(name) for name in CHOICES]
+
         return Totals(
             add([p.statuses for p in parts], len(STATUS_CLASSES)),
             add([p.outcomes for p in parts], len(Outcome)),
-            add([p.buckets for p in parts], len(LATENCY_BUCKETS) + 1),
+            add([p.buckets for p in parts], BUCKETS),
             sum(p.latency_sum for p in parts),
             sum(p.in_flight for p in parts),
+            tuple(Tally.total(t[c] for t in map(tallies, parts)) for c in Choice),
         )
 
     def minus(self, earlier: Totals) -> Totals:
@@ -162,6 +202,10 @@ class Totals:
             tuple(max(0, a - b) for a, b in zip(self.buckets, earlier.buckets, strict=True)),
             max(0.0, self.latency_sum - earlier.latency_sum),
             self.in_flight,
+            tuple(
+                now.minus(then) if now.covers(then) else Tally()
+                for now, then in zip(self.choices, earlier.choices, strict=True)
+            ),
         )
 
     def quantile(self, q: float) -> float | None:

@@ -36,6 +36,18 @@ class KeyRecord:
 Revoked = Callable[[str], None]  # called with the secret hash of a key that changed or went away
 
 
+@dataclass(frozen=True, slots=True)
+class Published:
+    """Every process's latest statistics, and when they were read, both on the store's clock.
+
+    The store's clock, not the reader's: whether a process's statistics are fresh, and when a rollout
+    step began, must not depend on which process reads them.
+    """
+
+    now: float
+    stats: list[dict[str, Any]]
+
+
 class Store(Protocol):
     """Everything the gateway keeps outside one process."""
 
@@ -66,15 +78,30 @@ class Store(Protocol):
         ...
 
     async def put_stats(self, process_id: str, stats: dict[str, Any], ttl: float) -> None:
-        """Publish this process's cumulative per-version statistics, valid for `ttl` seconds."""
+        """Publish this process's cumulative per-version statistics, valid for `ttl` seconds of the
+        store's clock."""
         ...
 
-    async def get_stats(self) -> list[dict[str, Any]]:
+    async def get_stats(self) -> Published:
         """The latest statistics of every process that published within its ttl."""
         ...
 
-    async def lease(self, name: str, holder: str, ttl: float) -> bool:
-        """Take or renew the lease `name` for `ttl` seconds; True if `holder` holds it now."""
+    async def time(self) -> float:
+        """The store's clock, in seconds since the epoch."""
+        ...
+
+    async def lease(self, name: str, holder: str, ttl: float) -> int:
+        """Take or renew the lease `name` for `ttl` seconds.
+
+        Returns its fencing token if `holder` holds it now, else 0. The token is the same for as long as
+        the holder keeps renewing and greater for every new holding (Kleppmann, "How to do distributed
+        locking", 2016): a write fenced with an old token is refused.
+        """
+        ...
+
+    async def put_state_fenced(self, name: str, value: dict[str, Any], lease: str, token: int) -> bool:
+        """`put_state`, in one atomic step with checking that lease `lease` is held with `token`;
+        False (and nothing written) if it is not."""
         ...
 
     async def get_state(self, name: str) -> dict[str, Any] | None:
@@ -83,11 +110,43 @@ class Store(Protocol):
 
     async def put_state(self, name: str, value: dict[str, Any]) -> None: ...
 
+    # The version registry (gateway.artifacts.registry): records and events are JSON the store does not read.
+
+    async def register_version(
+        self, model: str, version: str, record: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Keep `record` as the version's registration unless it has one, atomically across processes;
+        returns the registration it already had (None: `record` is it now)."""
+        ...
+
+    async def get_versions(self, model: str) -> dict[str, dict[str, Any]]:
+        """Every registered version of the model, by version id."""
+        ...
+
+    async def add_version_event(
+        self, model: str, version: str, event: dict[str, Any], coalesce: bool = False
+    ) -> None:
+        """Append to the version's history (the newest `HISTORY_LIMIT` are kept). With `coalesce`, an
+        event of the same "kind" as the newest replaces it, keeping the newest's "since" (or "at")."""
+        ...
+
+    async def get_version_events(self, model: str, version: str) -> list[dict[str, Any]]:
+        """The version's history, oldest first."""
+        ...
+
     async def ping(self) -> float:
         """Round-trip time in seconds; raises StoreUnavailable."""
         ...
 
     async def close(self) -> None: ...
+
+
+HISTORY_LIMIT = 1000  # events kept per version
+
+
+def coalesced(newest: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+    """`event` standing in for `newest`, its span reaching back to when `newest`'s began."""
+    return {**event, "since": newest.get("since", newest.get("at"))}
 
 
 def redacted(url: str) -> str:

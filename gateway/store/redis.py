@@ -37,25 +37,31 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from gateway.routing.table import DEFAULT_STORE_TIMEOUT
-from gateway.store.base import KeyRecord, Revoked, StoreUnavailable, redacted
+from gateway.store.base import KeyRecord, Published, Revoked, StoreUnavailable, redacted
 from gateway.store.gcra import Bucket, Verdict, check_all
 from gateway.store.redis_layout import (
     CHANNEL,
     DELETE_KEY,
     GCRA,
+    GET_STATS,
     HEARTBEAT,
     HEARTBEATS,
     KEYS_BY_HASH,
     KEYS_BY_NAME,
     LEASE,
+    PUT_FENCED,
     PUT_KEY,
+    PUT_STATS,
     REFUND,
     STATS,
     Script,
     bucket_key,
     dump_record,
+    lease_keys,
     load_record,
+    state_key,
 )
+from gateway.store.registry_layout import ADD_EVENT, HISTORY_LIMIT, REGISTER, history_key, versions_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -338,38 +344,62 @@ class RedisStore:
     # ---- statistics, leases, rollout state ----
 
     async def put_stats(self, process_id: str, stats: dict[str, Any], ttl: float) -> None:
-        # One hash for all processes (one slot in a cluster); each value carries its own expiry time,
-        # and readers skip and remove the expired ones.
-        value = json.dumps({"expires": time.time() + ttl, "stats": stats})
-        await self._guard("put_stats", self._client.execute_command("HSET", STATS, process_id, value))
+        # One hash for all processes (one slot in a cluster); each value carries its own expiry time on
+        # Redis's clock, and readers skip and remove the expired ones.
+        args = [process_id, repr(ttl), json.dumps(stats)]
+        await self._guard("put_stats", self._eval(PUT_STATS, [STATS], args))
 
-    async def get_stats(self) -> list[dict[str, Any]]:
-        raw = await self._guard("get_stats", self._client.execute_command("HGETALL", STATS))
-        pairs = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
-        now, live, stale = time.time(), [], []
-        for process, value in pairs:
-            entry = json.loads(value)
-            if entry["expires"] > now:
-                live.append(entry["stats"])
-            else:
-                stale.append(process)
-        if stale:
-            await self._guard("get_stats", self._client.execute_command("HDEL", STATS, *stale))
-        return live
+    async def get_stats(self) -> Published:
+        now, values = await self._guard("get_stats", self._eval(GET_STATS, [STATS], []))
+        stats = []
+        for value in values:
+            with contextlib.suppress(ValueError, KeyError, TypeError):  # not ours to read: skipped
+                stats.append(json.loads(value)["stats"])
+        return Published(float(now), stats)
 
-    async def lease(self, name: str, holder: str, ttl: float) -> bool:
-        key = f"gw:{{lease}}:{name}"
-        held = await self._guard("lease", self._eval(LEASE, [key], [holder, int(ttl * 1000)]))
-        return bool(held)
+    async def time(self) -> float:
+        seconds, micros = await self._guard("time", self._client.execute_command("TIME"))
+        return int(seconds) + int(micros) / 1e6
+
+    async def lease(self, name: str, holder: str, ttl: float) -> int:
+        return int(await self._guard("lease", self._eval(LEASE, lease_keys(name), [holder, int(ttl * 1000)])))
+
+    async def put_state_fenced(self, name: str, value: dict[str, Any], lease: str, token: int) -> bool:
+        keys = [lease_keys(lease)[0], state_key(name)]
+        return bool(await self._guard("put_state", self._eval(PUT_FENCED, keys, [token, json.dumps(value)])))
 
     async def get_state(self, name: str) -> dict[str, Any] | None:
-        value = await self._guard("get_state", self._client.execute_command("GET", f"gw:{{state}}:{name}"))
+        value = await self._guard("get_state", self._client.execute_command("GET", state_key(name)))
         return json.loads(value) if value is not None else None
 
     async def put_state(self, name: str, value: dict[str, Any]) -> None:
         await self._guard(
-            "put_state", self._client.execute_command("SET", f"gw:{{state}}:{name}", json.dumps(value))
+            "put_state", self._client.execute_command("SET", state_key(name), json.dumps(value))
         )
+
+    # ---- the version registry (keys and scripts: gateway.store.registry_layout) ----
+
+    async def register_version(
+        self, model: str, version: str, record: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        args = [version, json.dumps(record)]
+        old = await self._guard("register_version", self._eval(REGISTER, [versions_key(model)], args))
+        return json.loads(old) if old else None
+
+    async def get_versions(self, model: str) -> dict[str, dict[str, Any]]:
+        raw = await self._guard("get_versions", self._client.execute_command("HGETALL", versions_key(model)))
+        pairs = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
+        return {version: json.loads(value) for version, value in pairs}
+
+    async def add_version_event(
+        self, model: str, version: str, event: dict[str, Any], coalesce: bool = False
+    ) -> None:
+        args = [json.dumps(event), "1" if coalesce else "0", HISTORY_LIMIT]
+        await self._guard("add_version_event", self._eval(ADD_EVENT, [history_key(model, version)], args))
+
+    async def get_version_events(self, model: str, version: str) -> list[dict[str, Any]]:
+        command = self._client.execute_command("LRANGE", history_key(model, version), 0, -1)
+        return [json.loads(raw) for raw in await self._guard("get_version_events", command)]
 
     async def ping(self) -> float:
         start = time.perf_counter()

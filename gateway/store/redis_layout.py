@@ -20,7 +20,16 @@ CHANNEL = "gw:keys"  # carries the old secret hash of a changed or deleted key
 KEYS_BY_NAME = "gw:{keys}:by_name"  # name -> record JSON
 KEYS_BY_HASH = "gw:{keys}:by_hash"  # secret hash -> record JSON; same slot, so both change in one script
 HEARTBEATS = "gw:{hb}:processes"  # process id, scored by when its heartbeat expires
-STATS = "gw:{stats}:processes"  # process id -> {"expires", "stats"}
+STATS = "gw:{stats}:processes"  # process id -> {"expires", "stats"}; expires on Redis's clock
+
+
+def state_key(name: str) -> str:
+    return f"gw:{{state}}:{name}"
+
+
+def lease_keys(name: str) -> list[str]:
+    """The lease and its fencing-token counter, in the slot of the state they fence (one script)."""
+    return [f"gw:{{state}}:lease:{name}", f"gw:{{state}}:lease-token:{name}"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,17 +70,59 @@ redis.call('HDEL', KEYS[2], secret_hash)
 redis.call('PUBLISH', ARGV[2], secret_hash)
 return old""")
 
-# Take the lease if free, renew it if ours; one round trip, atomic (SET NX PX alone cannot renew).
+# Take the lease if free, renew it if ours; one round trip, atomic (SET NX PX alone cannot renew). The
+# value is "<token> <holder>"; every new holding draws the next token from a counter that never expires,
+# and a renewal keeps it. Returns the token, 0 when another holds the lease.
 LEASE = Script("""
-local holder = redis.call('GET', KEYS[1])
-if holder == false then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-elseif holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local current = redis.call('GET', KEYS[1])
+if current then
+  local space = string.find(current, ' ', 1, true)
+  if space and string.sub(current, space + 1) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return tonumber(string.sub(current, 1, space - 1))
+  end
+  return 0
+end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], token .. ' ' .. ARGV[1], 'PX', ARGV[2])
+return token
+""")
+# Write a state document only while the lease is held with the given token: KEYS = lease, document.
+PUT_FENCED = Script("""
+local current = redis.call('GET', KEYS[1])
+if current and string.match(current, '^(%d+) ') == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[2])
   return 1
 end
 return 0
+""")
+# Statistics with their expiry on Redis's clock. The value stays the JSON {"expires", "stats"} that every
+# release reads; the stats JSON is spliced in as it came, never re-encoded (cjson would round numbers).
+PUT_STATS = Script("""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local expires = string.format('%.17g', now + tonumber(ARGV[2]))
+redis.call('HSET', KEYS[1], ARGV[1], '{"expires":' .. expires .. ',"stats":' .. ARGV[3] .. '}')
+return 1
+""")
+# The live statistics and Redis's time; removes the expired ones. Returns {now, {value, ...}}.
+GET_STATS = Script("""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local all = redis.call('HGETALL', KEYS[1])
+local live, stale = {}, {}
+for i = 1, #all, 2 do
+  local expires = tonumber(string.match(all[i + 1], '^{"expires":%s*([^,]+),'))
+  if expires and expires > now then
+    table.insert(live, all[i + 1])
+  else
+    table.insert(stale, all[i])
+  end
+end
+for i = 1, #stale, 1000 do
+  redis.call('HDEL', KEYS[1], unpack(stale, i, math.min(i + 999, #stale)))
+end
+return {string.format('%.17g', now), live}
 """)
 HEARTBEAT = Script("""
 local t = redis.call('TIME')

@@ -1,19 +1,28 @@
 """The client-facing HTTP/1.1 server: one asyncio Protocol per connection, parsed by httptools (llhttp).
 
-A connection reads requests, buffers each body (up to the size limit), and hands complete requests,
-one at a time and in order, to a handler; pipelined requests wait in a short queue. The handler answers
-through `respond` or `start_response` / `write` / `end_response`, synchronously or later. Reading is
-paused while the queue is full, and the handler is told when the client stops draining the response so
-it can stop reading from its own source.
+A request is handed to the handler as soon as its head is complete, so that everything that needs only
+the head (route, key, limits) is decided before the body is read: a refused request is answered at once,
+and the rest of its body is read and dropped if it is small, or the connection is closed if it is not.
+`Expect: 100-continue` gets its `100 Continue` only when the handler asks for the body (`read_body`).
+Requests pipelined behind the active one wait in a short queue, one answered at a time, in order.
 
-The headers a handler asks for (`RequestHandler.captured_headers`) are captured as the parser reports
-them, so nothing rescans the header list. An exception the handler raises is its bug, not the client's:
-the connection answers 500 if nothing was sent yet, else it closes (as uvicorn does), and never parks
-the error behind a response that will not come.
+Bounds against hostile or broken clients, each per worker:
+- the head is counted in raw bytes as they arrive (a header that never ends gets 431 once the bytes pass
+  `max_header_size`, not when httptools finally reports it), and so are chunk framing and trailers;
+- request bodies held in memory are budgeted across connections (`BodyBudget`): a request whose
+  declared length would exceed it gets 503 with Retry-After before any of its body is read;
+- open connections are capped: one more is answered 503 and closed;
+- a client that does not read its answers stops being read from and stops having its pipelined
+  requests dispatched (backpressure both ways), and one that stays stalled past `write_timeout` is
+  aborted.
 
-Timeouts are one timer per connection, re-armed at each state change: the head of a request must arrive
-within `header_timeout`, its body within `body_timeout`, and an idle keep-alive connection is closed after
-`keepalive_timeout`.
+Timeouts are plain deadlines swept by one timer per connection set (`Deadlines`): the head within
+`header_timeout`, the body within `body_timeout` of the head (or of our 100 Continue), an idle
+keep-alive connection closed after `keepalive_timeout`.
+
+An exception the handler raises is its bug, not the client's: the connection answers 500 if nothing
+was sent yet, else it closes (as uvicorn does), and never parks the error behind a response that will
+not come.
 """
 
 from __future__ import annotations
@@ -31,73 +40,25 @@ import httptools
 from gateway.routing.table import ServerSettings
 from gateway.wire.deadlines import Deadlines
 from gateway.wire.headers import Headers
+from gateway.wire.request import FRAMING_HEADERS, BodyBudget, Request, status_line
 
 log = logging.getLogger("gateway.http")
 
 SMALL_WRITE = 16384  # bodies up to this size leave in the same send as the response head
-MAX_PIPELINED = 16  # complete requests queued behind the active one before we stop reading
-
-_STATUS_LINES = {
-    status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode()) for status in HTTPStatus
-}
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-# Captured for every request, whatever the handler asks for: the connection itself needs them.
-FRAMING_HEADERS = frozenset((b"host", b"content-length", b"expect", b"connection"))
+MAX_PIPELINED = 16  # requests queued behind the active one before we stop reading
+DRAIN_LIMIT = 64 * 1024  # the rest of a refused request's body is read and dropped up to this; else close
+REQUEST_LINE_OVERHEAD = 32  # bytes of a request line and head end that no parser callback reports
+CHUNK_FRAMING = 32  # bytes of framing allowed per chunk (size line, extensions, CRLFs) beyond the budget
+RETRY_AFTER = [(b"retry-after", b"1")]
 INTERNAL_ERROR = "internal error in the gateway (logged with the request id)"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_BUSY_BODY = b'{"error": "too many open connections; retry in a second"}'
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+)
 
-
-def status_line(status: int) -> bytes:
-    return _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
-
-
-class Request:
-    """One parsed request. Header names are lower-cased; values are raw bytes.
-
-    `fields` holds the first value of each captured header (`Connection` values joined, as RFC 9110
-    section 5.3 allows), filled in while the head is parsed.
-    """
-
-    __slots__ = (
-        "body",
-        "body_size",
-        "captured",
-        "client",
-        "expect_continue",
-        "fields",
-        "headers",
-        "hosts",
-        "http_version",
-        "keep_alive",
-        "method",
-        "path",
-        "query",
-        "target",
-    )
-
-    def __init__(self, client: str, captured: frozenset[bytes] = FRAMING_HEADERS) -> None:
-        self.client = client
-        self.captured = captured
-        self.fields: dict[bytes, bytes] = {}
-        self.hosts = 0
-        self.target = b""
-        self.method = ""
-        self.path = ""
-        self.query = ""
-        self.http_version = "1.1"
-        self.keep_alive = True
-        self.expect_continue = False
-        self.headers: Headers = []
-        self.body: list[bytes] = []
-        self.body_size = 0
-
-    def header(self, name: bytes) -> bytes | None:
-        """The first value of a header (name in lower case)."""
-        if name in self.captured:
-            return self.fields.get(name)
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+__all__ = ["FRAMING_HEADERS", "BodyBudget", "ClientConnection", "Request", "RequestHandler", "status_line"]
 
 
 class FlowListener(Protocol):
@@ -117,7 +78,7 @@ class RequestHandler(Protocol):
         ...
 
     def handle(self, request: Request, conn: ClientConnection) -> None:
-        """Answer the active request, now or later."""
+        """Answer the active request (its head is complete; its body may not be), now or later."""
 
     def refuse(
         self, conn: ClientConnection, status: int, message: str, headers: Headers | None = None
@@ -142,25 +103,35 @@ class ClientConnection(asyncio.Protocol):
         handler: RequestHandler,
         settings: ServerSettings,
         connections: Deadlines[ClientConnection],
+        budget: BodyBudget,
     ) -> None:
         self._handler = handler
         self._settings = settings
+        self._max_head = settings.max_header_size  # read per header: one attribute, not two
+        self._max_headers = settings.max_headers
         self._connections = connections
+        self._budget = budget
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._client = ""
         self._reading: Request | None = None  # the request being parsed
-        self._head_size = 0
-        self._queue: deque[Request] = deque()  # complete, waiting for the active one to finish
+        self._head_size = 0  # bytes of the current head's complete pieces (request target, fields, trailers)
+        self._head_bytes = 0  # raw bytes of the current head (or, in a chunked body, of its framing)
+        self._chunks = 0  # chunks of the current chunked body, each allowed CHUNK_FRAMING bytes
+        self._accounted = 0  # bytes of the chunk being fed that callbacks have accounted for
+        self._began_at = -1  # ... of which before the message that began in this chunk, if one did
+        self._begun = 0  # messages that began in this chunk
+        self._queue: deque[Request] = deque()  # heads complete, waiting for the active one to finish
         self._active: Request | None = None  # handed to the handler, response not finished
         self._response_keep_alive = True
         self._response_chunked = False
         self._response_started = False
         self._head = b""
         self._continue_sent = False
-        self._pending_error: tuple[int, str] | None = None  # answered once the queue ahead drains
+        self._pending_error: tuple[int, str, Headers | None] | None = None  # after the queue ahead drains
         self._dispatching = False
         self._read_paused = False
+        self._stopped = False  # reading ended for good (after a refusal that closes)
         self._write_paused = False
         self._draining = False  # graceful shutdown: finish what is in flight, then close
         self._closed = False
@@ -172,6 +143,11 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
+        if len(self._connections) >= self._settings.max_connections:
+            self._transport.write(_BUSY)
+            self._transport.close()
+            self._closed = True
+            return
         peer = transport.get_extra_info("peername")
         self._client = peer[0] if isinstance(peer, tuple) else ""
         self._connections.add(self)
@@ -181,6 +157,9 @@ class ClientConnection(asyncio.Protocol):
         self._closed = True
         self._connections.discard(self)
         self.deadline = 0.0
+        for request in (self._active, self._reading, *self._queue):
+            if request is not None:
+                self._budget.release(request)
         if self._active is not None and self.on_lost is not None:
             on_lost, self.on_lost = self.on_lost, None
             on_lost()
@@ -188,8 +167,15 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._pending_error is not None or self._closed:
             return
+        reading = self._reading
+        head_open = reading is not None and not reading.method
+        self._accounted = 0
+        self._began_at = -1
+        self._begun = 0
         try:
             self._parser.feed_data(data)
+            if self._reading is not None:  # a message not finished by this chunk: budget its raw bytes
+                self._count_raw(len(data), head_open, reading)
         except _Rejected:
             pass
         except httptools.HttpParserUpgrade:
@@ -215,34 +201,51 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._update_reading()
+        self._arm(self._settings.write_timeout)
         if self.flow is not None:
             self.flow.pause_source()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._update_reading()
+        self._rearm()
         if self.flow is not None:
             self.flow.resume_source()
+        if self._active is None and not self._dispatching:
+            self._dispatch()
 
     # -- httptools callbacks -----------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._stopped:
+            raise _Rejected
         self._reading = Request(self._client, self._handler.captured_headers)
         self._head_size = 0
+        self._head_bytes = 0
+        self._chunks = 0
+        self._began_at = self._accounted
+        self._begun += 1
         self._continue_sent = False
         self._arm(self._settings.header_timeout)
 
     def on_url(self, url: bytes) -> None:
         assert self._reading is not None
         self._reading.target += url
+        self._accounted += len(url)
         self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         request = self._reading
         assert request is not None
-        self._count_head(len(name) + len(value) + 4)
+        size = len(name) + len(value) + 4
+        self._accounted += size
+        self._head_size += size
+        if self._head_size > self._max_head:
+            self._reject(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request line and headers are too large")
         if request.method:  # a trailer field after a chunked body: never merged into the header section
             return
-        if len(request.headers) >= self._settings.max_headers:
+        if len(request.headers) >= self._max_headers:
             self._reject(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many request headers")
         name = name.lower()
         request.headers.append((name, value))
@@ -270,37 +273,65 @@ class ClientConnection(asyncio.Protocol):
         hosts = request.hosts
         if hosts > 1 or (hosts == 0 and request.http_version == "1.1"):
             self._reject(HTTPStatus.BAD_REQUEST, "an HTTP/1.1 request needs exactly one Host header")
-        length = request.header(b"content-length")
-        if length is not None and int(length) > self._settings.max_body_size:
-            self._reject(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, self._too_large())
-        expect = request.header(b"expect")
+        length = request.fields.get(b"content-length")
+        if length is not None:
+            declared = request.declared = int(length)  # llhttp has checked it is a number
+            if declared > self._settings.max_body_size:
+                self._reject(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, self._too_large())
+            if declared and not self._budget.reserve(request, declared):
+                message = "the gateway is holding too many request bodies; retry in a second"
+                self._reject(HTTPStatus.SERVICE_UNAVAILABLE, message, RETRY_AFTER)
+        expect = request.fields.get(b"expect")
         if expect is not None and expect.lower() == b"100-continue" and request.http_version == "1.1":
             request.expect_continue = True
-            if self._active is None and not self._queue:
-                self._send_continue()
-            else:
-                # The client waits for our 100 before sending the body; its clock starts when we send it.
-                self._arm(self._settings.keepalive_timeout)
-                return
-        self._arm(self._settings.body_timeout)
+        self._head_bytes = 0  # from here on it counts chunk framing and trailers
+        if self._active is None and not self._queue and not self._write_paused:
+            self._start(request)
+        elif request.expect_continue:
+            # The client waits for our 100 before sending the body; its clock starts when we send it.
+            self._arm(self._settings.keepalive_timeout)
+        else:
+            self._arm(self._settings.body_timeout)
+
+    def on_chunk_header(self) -> None:
+        self._chunks += 1
 
     def on_body(self, body: bytes) -> None:
+        if self._stopped:
+            raise _Rejected  # answered and closing: the rest of this chunk is not read
         request = self._reading
         assert request is not None
-        request.body_size += len(body)
+        size = len(body)
+        self._accounted += size
+        if request.discard:
+            return
+        request.body_size += size
         if request.body_size > self._settings.max_body_size:
             self._reject(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, self._too_large())
+        if request.declared is None and not self._budget.reserve(request, size):
+            message = "the gateway is holding too many request bodies; retry in a second"
+            self._reject(HTTPStatus.SERVICE_UNAVAILABLE, message, RETRY_AFTER)
         request.body.append(body)
 
     def on_message_complete(self) -> None:
+        if self._stopped:
+            raise _Rejected
         request = self._reading
         assert request is not None
         self._reading = None
-        self.deadline = 0.0  # in flight: the backend's timeout applies, not the client's
-        self._queue.append(request)
-        if len(self._queue) > MAX_PIPELINED:
-            self._pause_reading()
-        self._dispatch()
+        request.complete = True
+        if not request.dispatched:
+            self._queue.append(request)
+            self.deadline = 0.0  # waiting for its turn: nothing more is expected from the client for it
+            self._update_reading()
+            self._dispatch()
+        elif request is self._active:
+            self.deadline = 0.0  # in flight: the backend's timeout applies, not the client's
+            callback, request.on_complete = request.on_complete, None
+            if callback is not None:
+                self._run(request, callback)
+        elif self._active is None:  # the body of a request answered on its head: it is drained now
+            self._dispatch()
 
     # -- responses (called by the handler) ---------------------------------------------------------
 
@@ -316,6 +347,19 @@ class ClientConnection(asyncio.Protocol):
     def response_started(self) -> bool:
         return self._response_started
 
+    def is_active(self, request: Request) -> bool:
+        """Whether `request` is still the one this connection waits to answer (not closed, not answered)."""
+        return self._active is request and not self._closed
+
+    def read_body(self, request: Request, then: Callable[[], None]) -> None:
+        """Call `then` once the active request's body is complete; sends 100 Continue if it waits for one."""
+        if request.complete:
+            then()
+            return
+        request.on_complete = then
+        if request.expect_continue and not self._continue_sent:
+            self._send_continue()
+
     def respond(self, status: int, headers: Headers, body: bytes) -> None:
         """Send a whole response to the active request."""
         self.start_response(status, headers, len(body))
@@ -329,6 +373,9 @@ class ClientConnection(asyncio.Protocol):
         assert request is not None and not self._response_started
         self._response_started = True
         keep_alive = request.keep_alive and not (self._draining and not self._queue)
+        if not request.complete and not self._drains(request):
+            keep_alive = False
+            self._stop_reading()
         parts = [status_line(status)]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
@@ -368,16 +415,14 @@ class ClientConnection(asyncio.Protocol):
             self._transport.write(data)
 
     def end_response(self) -> None:
-        assert self._active is not None
+        request = self._active
+        assert request is not None
         if not self._closed and self._transport is not None:
             tail = b"0\r\n\r\n" if self._response_chunked else b""
             if self._head or tail:
                 self._transport.write(self._head + tail)
         self._head = b""
-        self._active = None
-        self._response_started = False
-        self.flow = None
-        self.on_lost = None
+        self._finished(request)
         if not self._response_keep_alive:
             self._close()
             return
@@ -386,9 +431,8 @@ class ClientConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Give up on the active response midway: the client sees the connection close."""
-        self._active = None
-        self.flow = None
-        self.on_lost = None
+        if self._active is not None:
+            self._finished(self._active)
         self._close()
 
     def error(self, status: int, message: str) -> None:
@@ -424,53 +468,110 @@ class ClientConnection(asyncio.Protocol):
 
     # -- internals ---------------------------------------------------------------------------------
 
+    def _start(self, request: Request) -> None:
+        """Make `request` the active one and hand it to the handler (the synchronous exception boundary)."""
+        self._active = request
+        request.dispatched = True
+        if request.complete or request.expect_continue:
+            self.deadline = 0.0  # in flight, or the client waits for our decision and its 100 Continue
+        else:
+            self._arm(self._settings.body_timeout)
+        try:
+            self._handler.handle(request, self)
+        except Exception as exc:
+            self._crash(request, exc)
+            self.fail_internal()
+
+    def _run(self, request: Request, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception as exc:
+            self._crash(request, exc)
+            self.fail_internal()
+
+    def _finished(self, request: Request) -> None:
+        self._budget.release(request)
+        request.body = []
+        request.on_complete = None
+        self._active = None
+        self._response_started = False
+        self.flow = None
+        self.on_lost = None
+
+    def _drains(self, request: Request) -> bool:
+        """Whether to read and drop the rest of a request answered before its body arrived."""
+        if request.expect_continue and not self._continue_sent:
+            return False  # the client may never send it; closing ends the wait for both sides
+        if request.declared is not None:
+            remaining = request.declared - request.body_size
+        elif b"transfer-encoding" not in request.fields:
+            remaining = 0  # no body at all (RFC 9112 section 6.3); its end is just not parsed yet
+        else:
+            return False  # chunked: no telling how much is left
+        if remaining > DRAIN_LIMIT:
+            return False
+        request.discard = True
+        self._budget.release(request)
+        return True
+
     def _dispatch(self) -> None:
         self._dispatching = True
         try:
-            while self._active is None and self._queue and not self._closed:
+            while self._active is None and self._queue and not self._closed and not self._write_paused:
                 request = self._queue.popleft()
-                self._active = request
-                if self._read_paused and len(self._queue) <= MAX_PIPELINED // 2:
-                    self._resume_reading()
-                try:
-                    self._handler.handle(request, self)
-                except Exception as exc:  # the exception boundary for the synchronous part
-                    self._crash(request, exc)
-                    self.fail_internal()
+                self._update_reading()
+                self._start(request)
+            reading = self._reading
+            if (
+                self._active is None
+                and not self._queue
+                and reading is not None
+                and reading.method
+                and not reading.dispatched
+                and not self._write_paused
+                and not self._closed
+            ):
+                self._start(reading)  # its head came in while others were answered; its body is on the way
         finally:
             self._dispatching = False
-        if self._active is not None or self._closed:
+        if self._active is not None or self._closed or self._queue:
             return
         if self._pending_error is not None:
-            status, message = self._pending_error
+            status, message, headers = self._pending_error
             self._pending_error = None
-            self._send_error_and_close(status, message)
+            self._send_error_and_close(status, message, headers)
         elif self._draining:
             self._close()
         elif self._reading is None:
             self._arm(self._settings.keepalive_timeout)
-        elif self._reading.expect_continue and not self._continue_sent:
-            self._send_continue()
 
-    def _reject(self, status: int, message: str) -> None:
+    def _reject(self, status: int, message: str, headers: Headers | None = None) -> None:
         """Refuse the request being read; stop reading from this connection for good."""
-        self._reading = None
+        request, self._reading = self._reading, None
         self._stop_reading()
-        if self._active is None and not self._queue:
-            self._send_error_and_close(status, message)
+        if request is not None and request is self._active and not self._response_started:
+            request.keep_alive = False
+            self._handler.refuse(self, status, message, headers)
+        elif self._active is None and not self._queue:
+            self._send_error_and_close(status, message, headers)
+        elif request is None or request is not self._active:
+            self._pending_error = (status, message, headers)
         else:
-            self._pending_error = (status, message)
+            self.abort()  # its answer has started: closing is the only honest signal
+        if request is not None and request is not self._active:
+            self._budget.release(request)
         raise _Rejected
 
-    def _send_error_and_close(self, status: int, message: str) -> None:
+    def _send_error_and_close(self, status: int, message: str, headers: Headers | None = None) -> None:
         if self._closed:
             return
         request = Request(self._client)
         request.keep_alive = False
+        request.complete = True
         self._active = request
         try:
             # Ends with end_response(), which closes (keep_alive is False).
-            self._handler.refuse(self, status, message)
+            self._handler.refuse(self, status, message, headers)
         except Exception as exc:
             self._crash(request, exc)
             self.abort()
@@ -487,6 +588,31 @@ class ClientConnection(asyncio.Protocol):
         self._continue_sent = True
         self._arm(self._settings.body_timeout)
 
+    def _count_raw(self, size: int, head_open: bool, reading: Request | None) -> None:
+        """Count the raw bytes of an unfinished head, or of a chunked body's framing, after a feed.
+
+        httptools reports a header only once it is complete, and joins its pieces until then, so the
+        budget is kept on what arrives: the bytes of this chunk that no callback accounted for.
+        """
+        current = self._reading
+        if current is None or current.discard:
+            return
+        if not current.method:  # the head is still open
+            began = self._began_at if current is not reading else (0 if head_open else -1)
+            self._head_bytes += size - max(0, began)
+            if self._head_bytes > self._settings.max_header_size:
+                self._reject(
+                    HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request line and headers are too large"
+                )
+        elif current.declared is None and b"transfer-encoding" in current.fields:
+            # Chunk sizes, extensions, trailers: what no callback accounted for, less the request lines
+            # of the messages that began in this chunk (their method, version and line ends).
+            self._head_bytes += max(0, size - self._accounted - REQUEST_LINE_OVERHEAD * self._begun)
+            if self._head_bytes > self._settings.max_header_size + CHUNK_FRAMING * self._chunks:
+                self._reject(
+                    HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "chunk framing or trailers are too large"
+                )
+
     def _count_head(self, size: int) -> None:
         self._head_size += size
         if self._head_size > self._settings.max_header_size:
@@ -496,27 +622,57 @@ class ClientConnection(asyncio.Protocol):
         return f"request body is larger than the limit of {self._settings.max_body_size} bytes"
 
     def expired(self) -> None:
-        if self._reading is not None:
+        if self._write_paused:
+            # It has not read our answer for write_timeout: abort, since close() would wait for the
+            # buffer to drain, which is what it is not doing.
+            if self._transport is not None:
+                self._transport.abort()
+            self._closed = True
+            return
+        reading = self._reading
+        if reading is not None and not reading.dispatched:
             with contextlib.suppress(_Rejected):
                 self._reject(HTTPStatus.REQUEST_TIMEOUT, "request was not received in time")
+        elif reading is not None:  # answered or in flight, and its body stopped coming
+            if self._active is reading and not self._response_started:
+                with contextlib.suppress(_Rejected):
+                    self._reject(HTTPStatus.REQUEST_TIMEOUT, "request body was not received in time")
+            else:
+                self._close()
         elif self._active is None and not self._queue:
             self._close()
 
     def _arm(self, delay: float) -> None:
         self.deadline = self._connections.now() + delay
 
-    def _pause_reading(self) -> None:
-        if not self._read_paused and self._transport is not None:
-            self._read_paused = True
-            self._transport.pause_reading()
+    def _rearm(self) -> None:
+        """The deadline for the state the connection is in (after writing resumed)."""
+        reading = self._reading
+        if reading is not None and not reading.method:
+            self._arm(self._settings.header_timeout)
+        elif reading is not None and not (reading.expect_continue and not self._continue_sent):
+            self._arm(self._settings.body_timeout)
+        elif self._active is not None or self._queue or reading is not None:
+            self.deadline = 0.0
+        else:
+            self._arm(self._settings.keepalive_timeout)
 
-    def _resume_reading(self) -> None:
-        if self._read_paused and self._transport is not None and not self._closed:
+    def _update_reading(self) -> None:
+        """Read while nothing holds it back: a full queue, a client not reading our answers, a stop."""
+        transport = self._transport
+        if transport is None or self._closed:
+            return
+        paused = self._stopped or self._write_paused or len(self._queue) > MAX_PIPELINED
+        if paused and not self._read_paused:
+            self._read_paused = True
+            transport.pause_reading()
+        elif not paused and self._read_paused:
             self._read_paused = False
-            self._transport.resume_reading()
+            transport.resume_reading()
 
     def _stop_reading(self) -> None:
-        self._pause_reading()
+        self._stopped = True
+        self._update_reading()
         self._parser = httptools.HttpRequestParser(_Discard())
 
     def _close(self) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import deque
 from collections.abc import Callable
 from enum import Enum
@@ -71,6 +72,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._interim = False  # a 1xx response: skipped, the final one follows on the same exchange
         self._closed = False
         self.deadline = 0.0  # busy: the response's timeout; idle: when to close it (see Deadlines)
+        self._paused_left: float | None = None  # reading paused for the client: the backend's time left
 
     # -- use by the proxy --------------------------------------------------------------------------
 
@@ -82,6 +84,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._content_length = None
         self._chunked = False
         self._headers_done = False
+        self._paused_left = None
         self.deadline = self._pool.now() + self._pool.backend.timeout
         if len(data) <= 2 and len(data[-1]) <= SMALL_WRITE:
             self._transport.write(b"".join(data))  # one buffer is one send(); cheaper than writelines
@@ -94,12 +97,23 @@ class UpstreamConnection(asyncio.Protocol):
         self._close()
 
     def pause_reading(self) -> None:
+        """Stop reading while the client does not read (backpressure).
+
+        The backend's timeout stops too: its answer waiting on the client is not the backend being
+        slow. How long a client may read nothing is the client connection's `write_timeout`.
+        """
         if self._transport is not None and not self._closed:
             self._transport.pause_reading()
+            if self._listener is not None and self._paused_left is None:
+                self._paused_left = max(0.0, self.deadline - self._pool.now())
+                self.deadline = 0.0
 
     def resume_reading(self) -> None:
         if self._transport is not None and not self._closed:
             self._transport.resume_reading()
+            if self._paused_left is not None:
+                self.deadline = self._pool.now() + self._paused_left
+                self._paused_left = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
 
@@ -107,8 +121,15 @@ class UpstreamConnection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
 
     def data_received(self, data: bytes) -> None:
+        if self._listener is None:
+            # Bytes on an idle connection belong to no exchange (a confused or hostile backend): drop it.
+            log.warning("backend %s sent data on an idle connection; closed it", self._pool.backend.name)
+            self._close()
+            return
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(Failure.PROTOCOL, "the backend answered with a protocol upgrade")
         except httptools.HttpParserError as exc:
             if exc.__context__ is not None and not isinstance(exc.__context__, httptools.HttpParserError):
                 self._listener_raised(exc.__context__)
@@ -134,6 +155,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        if status == 101:  # Switching Protocols: not an answer to an inference request
+            self._fail(Failure.PROTOCOL, "the backend answered 101 Switching Protocols")
+            return
         if 100 <= status < 200:
             self._interim = True
             self._headers = []
@@ -160,6 +184,8 @@ class UpstreamConnection(asyncio.Protocol):
     # -- internals ---------------------------------------------------------------------------------
 
     def _finish(self, reusable: bool) -> None:
+        if self._paused_left is not None:  # ended while paused: the next exchange must be read
+            self.resume_reading()
         self.deadline = 0.0
         listener, self._listener = self._listener, None
         if listener is not None:
@@ -218,8 +244,27 @@ class UpstreamConnection(asyncio.Protocol):
         return self._closed
 
 
+class _Waiter:
+    """A request waiting for a pooled connection, until its queue deadline."""
+
+    __slots__ = ("callback", "deadline", "pool")
+
+    def __init__(self, pool: Pool, callback: Acquired, deadline: float) -> None:
+        self.pool = pool
+        self.callback: Acquired | None = callback
+        self.deadline = deadline
+
+    def expired(self) -> None:
+        self.pool._waiter_expired(self)
+
+
 class Pool:
-    """Keep-alive connections to one backend, at most `backend.max_connections` at a time."""
+    """Keep-alive connections to one backend, at most `backend.max_connections` at a time.
+
+    When all are busy a request waits in a FIFO queue, at most `backend.max_queue` of them and each at
+    most `backend.queue_timeout` (as httpcore's pool timeout): a backend that stops answering fills its
+    connections, and the requests behind them get a 503 instead of waiting for ever.
+    """
 
     def __init__(self, backend: Backend, loop: asyncio.AbstractEventLoop) -> None:
         self.backend = backend
@@ -227,7 +272,8 @@ class Pool:
         self._idle: list[UpstreamConnection] = []
         self._all: Deadlines[UpstreamConnection] = Deadlines(loop, resolution_for(backend.timeout))
         self._opening = 0
-        self._waiters: deque[Acquired] = deque()
+        self._waiters: deque[_Waiter] = deque()
+        self._waiting: Deadlines[_Waiter] = Deadlines(loop, resolution_for(backend.queue_timeout))
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -245,17 +291,34 @@ class Pool:
             if not connection.closed:
                 callback(connection, "")
                 return
-        if self.size < self.backend.max_connections:
+        backend = self.backend
+        if self.size < backend.max_connections:
             self._open(callback)
+        elif len(self._waiting) >= backend.max_queue:
+            callback(
+                None, f"backend {backend.name} is busy: {backend.max_queue} requests are waiting already"
+            )
         else:
-            self._waiters.append(callback)
+            waiter = _Waiter(self, callback, self.now() + backend.queue_timeout)
+            self._waiters.append(waiter)
+            self._waiting.add(waiter)
+
+    def acquire_if_free(self, callback: Acquired) -> bool:
+        """Acquire only if no request would wait for it (shadow copies never take a real request's turn)."""
+        free = any(not c.closed for c in self._idle) or (
+            self.size < self.backend.max_connections and not self._waiting
+        )
+        if free:
+            self.acquire(callback)
+        return free
 
     def release(self, connection: UpstreamConnection) -> None:
         if self._closed:
             connection.abandon()
             return
-        if self._waiters:
-            self._waiters.popleft()(connection, "")
+        waiter = self._next_waiter()
+        if waiter is not None:
+            waiter(connection, "")
             return
         connection.deadline = self.now() + IDLE_TIMEOUT
         self._idle.append(connection)
@@ -264,8 +327,7 @@ class Pool:
         self._all.discard(connection)
         if connection in self._idle:
             self._idle.remove(connection)
-        if self._waiters and self.size < self.backend.max_connections and not self._closed:
-            self._open(self._waiters.popleft())
+        self._open_for_waiter()
 
     def close(self) -> None:
         """Close idle connections now; busy ones close when their response ends."""
@@ -275,8 +337,33 @@ class Pool:
         self._idle.clear()
         if not self._all:
             self._all.close()
+        while (waiter := self._next_waiter()) is not None:
+            waiter(None, f"backend {self.backend.name} pool is closed")
+        self._waiting.close()
+
+    def _next_waiter(self) -> Acquired | None:
         while self._waiters:
-            self._waiters.popleft()(None, f"backend {self.backend.name} pool is closed")
+            waiter = self._waiters.popleft()
+            callback, waiter.callback = waiter.callback, None
+            if callback is not None:
+                self._waiting.discard(waiter)
+                return callback
+        return None
+
+    def _waiter_expired(self, waiter: _Waiter) -> None:
+        callback, waiter.callback = waiter.callback, None
+        self._waiting.discard(waiter)
+        if callback is not None:
+            backend = self.backend
+            callback(
+                None, f"no connection to backend {backend.name} was free within {backend.queue_timeout:g}s"
+            )
+
+    def _open_for_waiter(self) -> None:
+        if self.size < self.backend.max_connections and not self._closed:
+            waiter = self._next_waiter()
+            if waiter is not None:
+                self._open(waiter)
 
     def _open(self, callback: Acquired) -> None:
         self._opening += 1
@@ -291,15 +378,26 @@ class Pool:
                 self.loop.create_connection(lambda: UpstreamConnection(self), backend.host, backend.port),
                 backend.connect_timeout,
             )
-        except (TimeoutError, OSError) as exc:
+        except Exception as exc:  # whatever it was, the opening slot is given back
             self._opening -= 1
-            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else exc.strerror or str(exc)
-            callback(
-                None, f"cannot connect to backend {backend.name} ({backend.host}:{backend.port}): {reason}"
+            if isinstance(exc, TimeoutError):
+                reason = "timed out"
+            elif isinstance(exc, OSError):
+                # From the errno: asyncio's strerror names the address ("Connect call failed (...)").
+                reason = os.strerror(exc.errno).lower() if exc.errno else "connection failed"
+            else:
+                log.error("error connecting to backend %s", backend.name, exc_info=exc)
+                reason = "internal error"
+            # The address goes to the log only: clients learn nothing about where backends live.
+            log.debug(
+                "cannot connect to backend %s at %s:%d: %s", backend.name, backend.host, backend.port, reason
             )
-            if self._waiters and self.size < backend.max_connections and not self._closed:
-                self._open(self._waiters.popleft())
+            callback(None, f"cannot connect to backend {backend.name}: {reason}")
+            self._open_for_waiter()
             return
+        except BaseException:  # cancelled (shutting down)
+            self._opening -= 1
+            raise
         self._opening -= 1
         self._all.add(protocol)
         callback(protocol, "")
