@@ -128,7 +128,7 @@ class RedisStore:
             username, password, nodes, path = _split_hosts(url, 26379)
             service, _, db = path.strip("/").partition("/")
             sentinel_options = {k: v for k, v in options.items() if k != "decode_responses"}
-            self._sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
+            self._sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 8.2
             sentinel = self._sentinel
             options |= dict(username=username, password=password, db=int(db or 0))
             self._new_client = lambda n: sentinel.master_for(service, **options)
@@ -312,7 +312,7 @@ class RedisStore:
                 missed, tries = True, tries + 1
             finally:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(pubsub.aclose(), self._timeout)  # type: ignore[no-untyped-call]
+                    await asyncio.wait_for(pubsub.aclose(), self._timeout)  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 8.2
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(client.aclose(), self._timeout)
             ready.set()
