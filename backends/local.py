@@ -39,6 +39,7 @@ from backends.knobs import Knobs, KnobsSource
 LOG = logging.getLogger("backends.local")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STOP_GRACE_S = 10.0
+LEFTOVER_GRACE_S = 2.0  # after tritonserver exits, for its stubs to follow it
 _handed_out: set[int] = set()
 _running: set[TritonProcess] = set()
 
@@ -218,8 +219,13 @@ class TritonProcess:
         except subprocess.TimeoutExpired:
             LOG.warning("%s did not stop within %.0f s, killing it", self._name(), timeout)
         else:
-            if self.leftovers():
-                LOG.warning("%s left processes %s behind, killing them", self._name(), self.leftovers())
+            # The Python stubs exit just after tritonserver does: give them a moment before calling
+            # them left behind (one reading, so the warning names what was really still there).
+            deadline = time.monotonic() + LEFTOVER_GRACE_S
+            while (left := self.leftovers()) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if left:
+                LOG.warning("%s left processes %s behind, killing them", self._name(), left)
         self.kill()
 
     def kill(self) -> None:
