@@ -109,11 +109,7 @@ class Pipeline:
         self, snapshot: RoutingSnapshot, target: Target, caller: Caller, then: Planned, crashed: Crashed
     ) -> None:
         """Run the head steps for an inference request; `then` gets the plan or the refusal."""
-        refusal = steps.require_key(snapshot, caller)
-        if refusal is not None:
-            then(refusal)
-            return
-        route = steps.find_model(snapshot, target)
+        route = self._model(snapshot, target, caller)
         if isinstance(route, Refusal):
             then(route)
             return
@@ -140,11 +136,7 @@ class Pipeline:
         crashed: Crashed,
     ) -> None:
         """The key steps alone, for reads of a model's metadata: same 401 / 403 / 404 as inference."""
-        refusal = steps.require_key(snapshot, caller)
-        if refusal is not None:
-            then(refusal)
-            return
-        route = steps.find_model(snapshot, target)
+        route = self._model(snapshot, target, caller)
         if isinstance(route, Refusal) or self.admission is None or not route.metadata_access.key_required:
             then(route)
             return
@@ -156,6 +148,11 @@ class Pipeline:
                 crashed(exc)
 
         self.admission.admit(route.metadata_access, caller, decided, crashed)
+
+    def _model(self, snapshot: RoutingSnapshot, target: Target, caller: Caller) -> ModelRoute | Refusal:
+        """require_key, then find_model: a caller without a key learns nothing of which models exist."""
+        refusal = steps.require_key(snapshot, caller)
+        return refusal if refusal is not None else steps.find_model(snapshot, target)
 
     def _choose(
         self,

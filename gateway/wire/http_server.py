@@ -168,14 +168,13 @@ class ClientConnection(asyncio.Protocol):
         if self._pending_error is not None or self._closed:
             return
         reading = self._reading
-        head_open = reading is not None and not reading.method
         self._accounted = 0
         self._began_at = -1
         self._begun = 0
         try:
             self._parser.feed_data(data)
             if self._reading is not None:  # a message not finished by this chunk: budget its raw bytes
-                self._count_raw(len(data), head_open, reading)
+                self._count_raw(len(data), reading)
         except _Rejected:
             pass
         except httptools.HttpParserUpgrade:
@@ -435,10 +434,6 @@ class ClientConnection(asyncio.Protocol):
             self._finished(self._active)
         self._close()
 
-    def error(self, status: int, message: str) -> None:
-        """Answer the active request with a gateway error (the shape comes from the handler)."""
-        self._handler.refuse(self, status, message)
-
     def fail_internal(self, headers: Headers | None = None) -> None:
         """The handler failed on the active request: 500 if nothing was sent yet, else close.
 
@@ -588,7 +583,7 @@ class ClientConnection(asyncio.Protocol):
         self._continue_sent = True
         self._arm(self._settings.body_timeout)
 
-    def _count_raw(self, size: int, head_open: bool, reading: Request | None) -> None:
+    def _count_raw(self, size: int, reading: Request | None) -> None:
         """Count the raw bytes of an unfinished head, or of a chunked body's framing, after a feed.
 
         httptools reports a header only once it is complete, and joins its pieces until then, so the
@@ -598,8 +593,9 @@ class ClientConnection(asyncio.Protocol):
         if current is None or current.discard:
             return
         if not current.method:  # the head is still open
-            began = self._began_at if current is not reading else (0 if head_open else -1)
-            self._head_bytes += size - max(0, began)
+            # Still the request being read before this chunk: the whole chunk is head. Else it began here.
+            began = 0 if current is reading else self._began_at
+            self._head_bytes += size - began
             if self._head_bytes > self._settings.max_header_size:
                 self._reject(
                     HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request line and headers are too large"
