@@ -158,3 +158,33 @@ def test_mirror_share_is_exact_over_every_window() -> None:
     for start in range(0, 900, 13):
         assert sum(hits[start : start + 100]) == 10
     assert router.mirror_to(model, model.versions["shadow"]) is None  # never a copy of its own request
+
+
+def test_rebuilding_the_router_for_an_unrelated_reason_keeps_the_exact_shares() -> None:
+    # A health flip, an override for another model or a reload builds a new Router; the shares of a
+    # model whose split and mirror did not change must stay exact across it, even if it comes often.
+    table = make_table((("base", 90), ("canary", 10)))
+    model = replace(table.models["fraud-detector"], mirror=Mirror("canary", 25.0))
+    table = replace(table, models=MappingProxyType({"fraud-detector": model}))
+    router = Router(table)
+    picks, copies = [], 0
+    for i in range(400):
+        if i % 3 == 0:
+            router = Router(table, carried=router)
+        version = router.choose(model, None)
+        assert version is not None
+        picks.append(version.id)
+        copies += router.mirror_to(model, model.versions["base"]) is not None
+    assert Counter(picks) == {"base": 360, "canary": 40}
+    assert copies == 100  # 25% of 400, exactly
+
+
+def test_a_changed_split_starts_its_cycle_afresh() -> None:
+    table = make_table((("base", 90), ("canary", 10)))
+    model = table.models["fraud-detector"]
+    router = Router(table)
+    for _ in range(7):
+        router.choose(model, None)
+    moved = Router(table, weights={"fraud-detector": (("base", 50), ("canary", 50))}, carried=router)
+    picks = Counter(moved.choose(model, None).id for _ in range(10))  # type: ignore[union-attr]
+    assert picks == {"base": 5, "canary": 5}

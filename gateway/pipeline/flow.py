@@ -67,6 +67,7 @@ class Pipeline:
         self._overrides: Weights = {}
         self._health: HealthMap = {}
         self.snapshot: RoutingSnapshot
+        self._serving: RoutingSnapshot | None = None  # the snapshot being replaced, once there is one
         self.captured_headers: frozenset[bytes]
         self.set_table(table)
 
@@ -93,11 +94,11 @@ class Pipeline:
         self._swap(self._rebuild(self.snapshot.table))
 
     def _swap(self, snapshot: RoutingSnapshot) -> None:
-        self.snapshot = snapshot
+        self._serving = self.snapshot = snapshot
         self.captured_headers = snapshot.captured_headers  # read per request head: one lookup, not two
 
     def _rebuild(self, table: RouteTable) -> RoutingSnapshot:
-        return build_snapshot(table, self._pools, self.stats, self._overrides, self._health)
+        return build_snapshot(table, self._pools, self.stats, self._overrides, self._health, self._serving)
 
     def close(self) -> None:
         for pool in self._pools.values():

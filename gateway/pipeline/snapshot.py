@@ -73,9 +73,16 @@ class RoutingSnapshot:
 
 
 def build_snapshot(
-    table: RouteTable, pools: Mapping[str, Pool], stats: Stats, overrides: Weights, health: HealthMap
+    table: RouteTable,
+    pools: Mapping[str, Pool],
+    stats: Stats,
+    overrides: Weights,
+    health: HealthMap,
+    replacing: RoutingSnapshot | None = None,
 ) -> RoutingSnapshot:
     """The snapshot for a table, the weights that override its splits, and what health checks saw.
+
+    `replacing` is the snapshot it succeeds: its router's positions carry over (decisions.Router).
 
     A version whose last check failed gets weight 0 (the others keep their relative weights); a version
     not checked yet keeps its weight: not having looked is not evidence that it is down.
@@ -103,7 +110,7 @@ def build_snapshot(
     return RoutingSnapshot(
         table,
         MappingProxyType(models),
-        Router(table, weights),
+        Router(table, weights, replacing.router if replacing is not None else None),
         MappingProxyType(dict(health)),
         FRAMING_HEADERS | PIPELINE_HEADERS | sticky,
     )

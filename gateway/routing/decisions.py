@@ -137,17 +137,35 @@ class Router:
     """Per-process routing state for one table: the position of each model in its split cycle.
 
     `weights` overrides a model's split from the file (operator overrides, rollout steps); it is
-    applied by building a new Router, never by mutating one in place.
+    applied by building a new Router, never by mutating one in place. `carried` is the Router it
+    replaces: a model whose split sequence is the same keeps its place in it, and one whose mirror is
+    the same keeps its credit, so a rebuild for an unrelated reason (a health flip, another model's
+    rollout step, a reload that changed something else) does not bend the exact shares.
     """
 
     __slots__ = ("_counters", "_mirror_credit", "_sequences", "_splits", "table")
 
-    def __init__(self, table: RouteTable, weights: Mapping[str, tuple[tuple[str, int], ...]] | None = None):
+    def __init__(
+        self,
+        table: RouteTable,
+        weights: Mapping[str, tuple[tuple[str, int], ...]] | None = None,
+        carried: Router | None = None,
+    ):
         self.table = table
         self._splits = {name: (weights or {}).get(name, model.split) for name, model in table.models.items()}
         self._sequences = {name: split_sequence(split) for name, split in self._splits.items()}
         self._counters = dict.fromkeys(table.models, 0)
         self._mirror_credit = dict.fromkeys(table.models, 0.0)
+        if carried is not None:
+            self._carry(carried)
+
+    def _carry(self, old: Router) -> None:
+        for name, model in self.table.models.items():
+            if old._sequences.get(name) == self._sequences[name]:
+                self._counters[name] = old._counters[name]
+            previous = old.table.models.get(name)
+            if previous is not None and previous.mirror == model.mirror:
+                self._mirror_credit[name] = old._mirror_credit[name]
 
     def split_of(self, model: str) -> tuple[tuple[str, int], ...]:
         return self._splits[model]
