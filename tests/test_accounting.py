@@ -252,7 +252,7 @@ models:
       "2.1.3": {backend: a, target: fraud/1}
       "2.2.0": {backend: a, target: fraud/2}
     split: {"2.1.3": 100, "2.2.0": 0}
-    rollout: {baseline: "2.1.3", canary: "2.2.0", steps: [50, 100], min_step_duration: 30s,
+    rollout: {baseline: "2.1.3", canary: "2.2.0", steps: [25, 50, 100], min_step_duration: 30s,
               min_step_requests: 100}
 keys: {required: false}
 """
@@ -271,7 +271,7 @@ def test_engine_sees_each_request_once_through_a_crash_loop_and_a_step() -> None
     workers = {"w1": (Stats(), -5.0), "w2": (Stats(), -5.0)}
     first = [publish(stats, f"{name}@{started}", started) for name, (stats, started) in workers.items()]
     record: RolloutRecord = new_record(model, "rid", 0.0, readings_of(model, first))
-    served = {"2.1.3": 0, "2.2.0": 0}  # evidence requests published since the step began
+    served = {"2.1.3": 0, "2.2.0": 0}  # split requests published since the step began
     published: dict[str, ProcessStats] = {}
     actions = []
     for now in range(1, 301):
@@ -282,7 +282,7 @@ def test_engine_sees_each_request_once_through_a_crash_loop_and_a_step() -> None
                 version = "2.2.0" if rng.random() < record.state.weight / 100 else "2.1.3"
                 how = Choice.STICKY if rng.random() < 0.3 else Choice.SPLIT
                 stats.counters("fraud", version).record(200, Outcome.OK, 0.002, how)
-                served[version] += 1
+                served[version] += how is Choice.SPLIT  # sticky callers are counted apart, never evidence
             stats.counters("fraud", "2.2.0").record(200, Outcome.OK, 5.0, Choice.PINNED)  # never evidence
             stats.counters("fraud", "2.2.0").record(400, Outcome.CLIENT_ERROR, 0.001)  # the caller's fault
             published[name] = publish(stats, f"{name}@{started}", started)
@@ -303,7 +303,7 @@ def test_engine_sees_each_request_once_through_a_crash_loop_and_a_step() -> None
         traffic = record.evidence["traffic"]["2.2.0"]
         assert traffic["pinned"]["requests"] > 0 and traffic["pinned"]["evidence"] is False
         assert traffic["split"]["caller_faults"] > 0 and counts["canary"]["failures"] == 0
-        assert traffic["sticky"]["evidence"] is True and traffic["sticky"]["requests"] > 0
+        assert traffic["sticky"]["evidence"] is False and traffic["sticky"]["requests"] > 0
         if decision.action == "promote":
             break
     assert actions == ["step_up", "promote"]

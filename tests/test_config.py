@@ -357,6 +357,37 @@ RULES: list[Any] = [
         "false_rollback_rate of rollout for fraud-detector must be more than 0 and less than 0.5",
         id="rollout-alpha",
     ),
+    pytest.param(
+        BASE + "    rollout: {baseline: 2.1.3, canary: 2.2.0, steps: »[100]}\n",
+        "steps of rollout for fraud-detector needs a step below 100, like [5, 25, 50, 100]",
+        id="rollout-steps-only-100",
+    ),
+    pytest.param(
+        BASE + "    rollout: {baseline: 2.1.3, canary: 2.2.0, max_latency_increase: »1%}\n",
+        "is finer than the latency buckets, which are 5% apart",
+        id="rollout-latency-margin-finer-than-buckets",
+    ),
+    pytest.param(
+        BASE + "    rollout: {baseline: 2.1.3, canary: 2.2.0, false_promotion_rate: »0.6}\n",
+        "false_promotion_rate of rollout for fraud-detector must be more than 0 and less than 0.5",
+        id="rollout-beta",
+    ),
+    pytest.param(
+        BASE + "    rollout: {baseline: 2.1.3, canary: 2.2.0, max_error_odds_ratio: »0.5}\n",
+        "max_error_odds_ratio of rollout for fraud-detector must be at least 1",
+        id="rollout-odds-ratio",
+    ),
+    pytest.param(
+        BASE + "    rollout: {baseline: 2.1.3, canary: 2.2.0, on_max_step_duration: »wait}\n",
+        "must be hold (pause the rollout and alert) or rollback, not 'wait'",
+        id="rollout-on-max-step-duration",
+    ),
+    pytest.param(
+        BASE + "    rollout: {baseline: 2.1.3, canary: 2.2.0, min_step_duration: 5m,\n"
+        "              max_step_duration: »1m}\n",
+        "max_step_duration of rollout for fraud-detector (60 s) is shorter than its min_step_duration",
+        id="rollout-max-step-shorter-than-min",
+    ),
     # limits
     pytest.param(
         BASE + "    limit: {rate: »1000}\n",
@@ -559,8 +590,11 @@ def test_the_defaults_the_reference_states_are_the_ones_a_file_gets() -> None:
         "rollout.max_error_rate_increase": (units.number, rollout.max_error_rate_increase),
         "rollout.max_latency_increase": (units.fraction_or_percent, rollout.max_latency_increase),
         "rollout.false_rollback_rate": (units.number, rollout.false_rollback_rate),
+        "rollout.false_promotion_rate": (units.number, rollout.false_promotion_rate),
+        "rollout.max_error_odds_ratio": (units.number, rollout.max_error_odds_ratio),
         "rollout.min_step_duration": (units.duration, rollout.min_step_duration),
         "rollout.min_step_requests": (int, rollout.min_step_requests),
+        "rollout.max_step_duration": (units.duration, rollout.max_step_duration),
         "keys.required": (units.boolean, table.keys.required),
         "store.url": (str, table.store.url),
         "store.on_error": (str, table.store.on_error),
@@ -568,6 +602,7 @@ def test_the_defaults_the_reference_states_are_the_ones_a_file_gets() -> None:
     }
     for key, (read, value) in expected.items():
         assert read(stated[key]) == pytest.approx(value), key
+    assert stated["rollout.on_max_step_duration"] == rollout.on_max_step_duration
     # `server.*` defaults are "as shown" in the example at the top.
     assert stated["server.*"] == "as shown"
     shown = re.search(r"^server: \{[^}]*\}", text, re.MULTILINE)

@@ -244,7 +244,7 @@ def test_rollout_evidence_with_two_gateways(triton: TritonFleet, failing: Triton
             for thread in threads:
                 thread.join()
         history = [(e["action"], e["by"]) for e in record_of(leader)["history"]]  # type: ignore[attr-defined]
-        assert ("step_up", "controller") in history and ("rollback", "controller") not in history
+        assert ("promote", "controller") in history and ("rollback", "controller") not in history
         assert not traffic.problems, traffic.problems[:5]
         assert {status for (kind, status, _), _ in traffic.answers.items() if kind == "malformed"} == {400}
 

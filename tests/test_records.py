@@ -32,8 +32,8 @@ from gateway.rollout.records import (
     read_record,
     record_name,
 )
-from gateway.rollout.sequential import Counts
-from gateway.rollout.sequential import TestStats as SequentialTests  # not a pytest class
+from gateway.rollout.sequential import ODDS_GRID, SHARE_FACTORS, Counts, Restarting
+from gateway.rollout.statistics import TestStats as SequentialTests  # not a pytest class
 from gateway.routing import config
 from gateway.state import files as snapshots
 from gateway.state.records import ReloadEvent, WorkerSnapshot
@@ -64,7 +64,21 @@ store: {url: "memory://"}
 
 def rollout_record() -> RolloutRecord:
     seen = Counts(40, 2, (1, 3) + (0,) * (BUCKETS - 2))
-    state = RolloutState("paused", 1, 50, 100.5, seen, Counts(), SequentialTests(latency_bound=7))
+    state = RolloutState(
+        "paused",
+        1,
+        50,
+        100.5,
+        seen,
+        Counts(),
+        SequentialTests(
+            Restarting().restart(len(ODDS_GRID)),
+            Restarting().restart(len(SHARE_FACTORS)),
+            upper_bound=7,
+            last_start=90.0,
+            looks=3,
+        ),
+    )
     tally = Tally((5, 0, 1, 0, 0, 2), (2, 4) + (0,) * (BUCKETS - 2), 0.25)
     ledger = Ledger.begin(90.0).take(91.0, [Reading("host:7:ab", 80.0, {"2.1.3/split": tally})])
     return RolloutRecord(
@@ -308,7 +322,9 @@ def test_malformed_commands_are_rejected(change: Callable[[Any], None], match: s
         _set(("evidence",), None),
         _set(("updated",)),
         _set(("last_command",), "1234"),
-        _set(("state", "tests", "error_log_lr", 0), "0.0"),
+        _set(("state", "tests", "errors", "components", 0, "log_weight"), "0.0"),
+        _set(("state", "tests", "latency", "components", 0, "log_lr"), [0.0]),
+        _set(("state", "tests", "looks"), True),
     ],
 )
 def test_malformed_rollout_records_are_rejected(change: Callable[[Any], None]) -> None:

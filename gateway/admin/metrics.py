@@ -29,7 +29,7 @@ from gateway.admin.versions import schema_gate_metrics
 from gateway.rollout.records import PHASES, RolloutRecord
 from gateway.state.records import WorkerSnapshot
 from gateway.stats.counters import LATENCY_BUCKETS, OUTCOMES, STATUS_CLASSES, Outcome, Totals
-from gateway.stats.kinds import CHOICES
+from gateway.stats.kinds import CHOICES, EXPORTED_BUCKETS
 from gateway.stats.records import VersionStats
 
 # Not prometheus_client's CONTENT_TYPE_LATEST: newer releases moved that to 1.0.0, and scrapers
@@ -125,20 +125,25 @@ class SnapshotCollector:
         )
         by_choice = CounterMetricFamily(
             "gateway_routed_answers",
-            "Answers per version by how it was chosen (split and sticky are rollout evidence; pinned and "
-            "shadow are not) and outcome (client_error and abandoned are the caller's, never evidence).",
+            "Answers per version by how it was chosen (only split answers are rollout evidence; "
+            "sticky, pinned and shadow are not) and outcome (client_error and abandoned are the "
+            "caller's, never evidence).",
             labels=["model", "version", "choice", "outcome"],
         )
-        bounds = [_le_text(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+        bounds = [_le_text(LATENCY_BUCKETS[i]) for i in EXPORTED_BUCKETS] + ["+Inf"]
+        exported = frozenset(EXPORTED_BUCKETS)
         for key in sorted(everyone):
             model, version = _split_key(key)
             totals = Totals.merge(everyone[key])
             for code, count in zip(STATUS_CLASSES, totals.statuses, strict=True):
                 requests.add_metric([model, version, code], count)
-            cumulative, running = [], 0
-            for bound, count in zip(bounds, totals.buckets, strict=True):
+            cumulative: list[tuple[str, float]] = []
+            running = 0
+            for i, count in enumerate(totals.buckets[:-1]):
                 running += count
-                cumulative.append((bound, float(running)))
+                if i in exported:
+                    cumulative.append((bounds[len(cumulative)], float(running)))
+            cumulative.append(("+Inf", float(running + totals.buckets[-1])))
             duration.add_metric([model, version], cumulative, totals.latency_sum)
             for kind in UPSTREAM_ERROR_KINDS:
                 upstream.add_metric([model, version, OUTCOMES[kind]], totals.outcomes[kind])

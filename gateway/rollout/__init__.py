@@ -1,12 +1,12 @@
 """Automatic canary analysis: the decision engine (pure code) and its sequential statistics.
 
 `decide(config, state, observation)` turns the counts of a canary and its baseline into continue, step
-up, promote or roll back, with the evidence; see `gateway.rollout.engine` for the policy and
-`gateway.rollout.sequential` for the statistics and the literature behind them.
+up, promote, hold or roll back, with the evidence; see `gateway.rollout.engine` for the policy,
+`gateway.rollout.statistics` for what alpha and beta bound and `gateway.rollout.sequential` and
+`gateway.rollout.p95` for the statistics and the literature behind them.
 """
 
 from gateway.rollout.engine import (
-    CONSECUTIVE_FAILURE_LIMIT,
     MIN_CANARY_REQUESTS,
     MIN_STEP_SECONDS,
     Action,
@@ -18,10 +18,10 @@ from gateway.rollout.engine import (
     initial_state,
     plan_of,
 )
-from gateway.rollout.sequential import Counts, Plan, TestStats
+from gateway.rollout.sequential import Counts
+from gateway.rollout.statistics import Plan, TestStats
 
 __all__ = [
-    "CONSECUTIVE_FAILURE_LIMIT",
     "MIN_CANARY_REQUESTS",
     "MIN_STEP_SECONDS",
     "Action",

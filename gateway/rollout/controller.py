@@ -95,7 +95,7 @@ def readings_of(model: Model, processes: Sequence[ProcessStats]) -> list[Reading
 
 
 def evidence_of(ledger: Ledger, version: str) -> Counts:
-    """The engine's counts: the split's and the sticky hash's requests, never a caller's fault."""
+    """The engine's counts: the split's requests (EVIDENCE), never a caller's fault."""
     tally = Tally.total(ledger.total(f"{version}/{CHOICES[choice]}") for choice in EVIDENCE)
     return Counts(tally.requests, tally.failures, tally.buckets)
 
@@ -145,7 +145,8 @@ def operator_action(record: RolloutRecord, action: str, who: str, now: float) ->
         raise ValueError(f"the rollout is already {state.phase.replace('_', ' ')}")
     changes: dict[str, dict[str, Any]] = {
         "pause": {"phase": "paused"},
-        "resume": {"phase": "progressing"},
+        # A held step (past max_step_duration) gets a fresh max_step_duration when resumed.
+        "resume": {"phase": "progressing", "step_started": now},
         "promote": {"phase": "promoted", "weight": 100},
         "rollback": {"phase": "rolled_back", "weight": 0},
     }

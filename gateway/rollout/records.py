@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from gateway.rollout.engine import Phase, RolloutState
-from gateway.rollout.sequential import Counts, TestStats
+from gateway.rollout.sequential import Counts
+from gateway.rollout.statistics import TestStats
 from gateway.stats.accounting import Ledger
 from gateway.store.base import Store
 from gateway.typed_json import Fields, RecordError
@@ -70,7 +71,10 @@ def _read_state(f: Fields) -> RolloutState:
     phase = f.text("phase")
     if phase not in PHASES:
         raise RecordError(f"{f.where}.phase: expected one of {', '.join(PHASES)}, got {phase!r}")
-    tests = f.child("tests")
+    try:
+        tests = TestStats.from_json(f.json_object("tests"))
+    except (KeyError, TypeError, ValueError) as exc:  # the statistics of another release
+        raise RecordError(f"{f.where}.tests: not this release's rollout statistics ({exc!r})") from exc
     return RolloutState(
         phase,
         f.integer("step"),
@@ -78,13 +82,7 @@ def _read_state(f: Fields) -> RolloutState:
         f.number("step_started"),
         _read_counts(f.child("seen_baseline")),
         _read_counts(f.child("seen_canary")),
-        TestStats(
-            tests.numbers("error_log_lr"),
-            tests.numbers("latency_log_lr"),
-            tests.integer("latency_bound"),
-            tests.integer("baseline_requests"),
-            tests.integer("baseline_failures"),
-        ),
+        tests,
     )
 
 

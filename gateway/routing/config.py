@@ -64,8 +64,12 @@ ROLLOUT_KEYS = (
     "max_error_rate_increase",
     "max_latency_increase",
     "false_rollback_rate",
+    "false_promotion_rate",
+    "max_error_odds_ratio",
     "min_step_duration",
     "min_step_requests",
+    "max_step_duration",
+    "on_max_step_duration",
 )
 LIMIT_KEYS = ("rate", "burst")
 KEYS_KEYS = ("required", "default_limit")
@@ -80,10 +84,14 @@ BACKEND_SETTINGS: Mapping[str, Callable[[str], Any]] = {
 }
 ROLLOUT_SETTINGS: Mapping[str, Callable[[str], Any]] = {
     "max_error_rate_increase": units.error_rate,
-    "max_latency_increase": units.fraction_or_percent,
-    "false_rollback_rate": units.false_rollback_rate,
+    "max_latency_increase": units.latency_margin,
+    "false_rollback_rate": units.probability,
+    "false_promotion_rate": units.probability,
+    "max_error_odds_ratio": units.odds_ratio,
     "min_step_duration": units.duration,
     "min_step_requests": units.at_least_one,
+    "max_step_duration": units.duration,
+    "on_max_step_duration": units.on_max_step_duration,
 }
 STORE_SETTINGS: Mapping[str, Callable[[str], Any]] = {
     "url": units.store_url,
@@ -517,7 +525,16 @@ def _rollout(r: _Reader, entry: Entry, names: _Names) -> Rollout | None:
     values = r.settings(settings, what, ROLLOUT_SETTINGS, unset)
     if baseline is None or canary is None or steps is None or values is None:
         return None
-    return Rollout(baseline, canary, steps, **values)
+    rollout = Rollout(baseline, canary, steps, **values)
+    if rollout.max_step_duration < rollout.min_step_duration:
+        place = settings.get("max_step_duration") or settings.get("min_step_duration") or entry
+        r.report(
+            place.value,
+            f"max_step_duration of {what} ({rollout.max_step_duration:g} s) is shorter than its "
+            f"min_step_duration ({rollout.min_step_duration:g} s): no step could ever be decided",
+        )
+        return None
+    return rollout
 
 
 def _steps(r: _Reader, node: Node, what: str) -> tuple[int, ...] | None:
@@ -535,6 +552,10 @@ def _steps(r: _Reader, node: Node, what: str) -> tuple[int, ...] | None:
             r.report(item, f"{what} must increase step by step, but {step} comes after {steps[-1]}")
             return None
         steps.append(step)
+    if steps[0] >= 100:
+        # Promotion is decided on the evidence of a step where the baseline still serves.
+        r.report(node, f"{what} needs a step below 100, like [5, 25, 50, 100]: at 100% nothing is compared")
+        return None
     return tuple(steps)
 
 

@@ -26,6 +26,10 @@ DEFAULT_STEPS = (5, 25, 50, 100)  # canary traffic percentages
 DEFAULT_MAX_ERROR_RATE_INCREASE = 0.005  # half a percentage point
 DEFAULT_MAX_LATENCY_INCREASE = 0.2  # +20% on p95
 DEFAULT_FALSE_ROLLBACK_RATE = 0.01
+DEFAULT_FALSE_PROMOTION_RATE = 0.05
+DEFAULT_MAX_ERROR_ODDS_RATIO = 1.0  # rolled back when shown failing more often than the baseline at all
+DEFAULT_MAX_STEP_DURATION = 3600.0  # seconds
+DEFAULT_ON_MAX_STEP_DURATION = "hold"  # or "rollback"
 DEFAULT_MIN_STEP_DURATION = 30.0  # seconds
 DEFAULT_MIN_STEP_REQUESTS = 200
 DEFAULT_KEYS_REQUIRED = True
@@ -113,9 +117,15 @@ class Rollout:
     max_error_rate_increase: float = DEFAULT_MAX_ERROR_RATE_INCREASE  # absolute, as a fraction
     max_latency_increase: float = DEFAULT_MAX_LATENCY_INCREASE  # a fraction: 0.2 means +20% on p95
     false_rollback_rate: float = DEFAULT_FALSE_ROLLBACK_RATE
+    false_promotion_rate: float = DEFAULT_FALSE_PROMOTION_RATE
+    # The error null of rolling back: odds(canary) / odds(baseline) at most this in every interval.
+    max_error_odds_ratio: float = DEFAULT_MAX_ERROR_ODDS_RATIO
     # Seconds a step is held, and canary requests it must see, before the canary may step up.
     min_step_duration: float = DEFAULT_MIN_STEP_DURATION
     min_step_requests: int = DEFAULT_MIN_STEP_REQUESTS
+    # A step still undecided after this long is held (paused, with an alert) or rolled back.
+    max_step_duration: float = DEFAULT_MAX_STEP_DURATION
+    on_max_step_duration: str = DEFAULT_ON_MAX_STEP_DURATION
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,8 @@ import re
 from fractions import Fraction
 from urllib.parse import urlsplit
 
+from gateway.stats.kinds import BUCKET_FACTOR
+
 _NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
 _DURATION = re.compile(rf"({_NUMBER})\s*(ms|s|m|h)?")
 _SECONDS_PER_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -35,6 +37,7 @@ _TARGET = re.compile(r"([A-Za-z0-9_.-]+)(?:/([0-9]+))?")
 _ARCHIVE_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 STORE_SCHEMES = ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster")
 ON_ERROR = ("fail_closed", "fail_open")
+ON_MAX_STEP_DURATION = ("hold", "rollback")
 _TRUE = ("true", "yes")
 _FALSE = ("false", "no")
 
@@ -222,11 +225,37 @@ def error_rate(text: str) -> float:
     return value
 
 
-def false_rollback_rate(text: str) -> float:
+def probability(text: str) -> float:
+    """An error probability of the rollout's tests (false_rollback_rate, false_promotion_rate)."""
     value = number(text)
     if not 0 < value < 0.5:
         raise ValueError(f"must be more than 0 and less than 0.5, like 0.01, not {text}")
     return value
+
+
+def latency_margin(text: str) -> float:
+    """max_latency_increase: at least one latency bucket's ratio, the finest margin the p95 test can test."""
+    value = fraction_or_percent(text)
+    finest = round(BUCKET_FACTOR - 1.0, 6)
+    if value < finest:
+        raise ValueError(
+            f"is finer than the latency buckets, which are {finest:.0%} apart: a canary could be stepped "
+            f"up only when shown faster than its baseline; use at least {finest:.0%}, not {text}"
+        )
+    return value
+
+
+def odds_ratio(text: str) -> float:
+    value = number(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1 (1: no more failures than the baseline), not {text}")
+    return value
+
+
+def on_max_step_duration(text: str) -> str:
+    if text not in ON_MAX_STEP_DURATION:
+        raise ValueError(f"must be hold (pause the rollout and alert) or rollback, not '{text}'")
+    return text
 
 
 def store_url(text: str) -> str:

@@ -89,11 +89,13 @@ class VersionCounters:
         bucket = bisect.bisect_left(LATENCY_BUCKETS, seconds)
         tally = self.tallies[choice]
         tally.outcomes[outcome] += 1
+        # Only the experiment's own traffic feeds its guardrail. A caller's 4xx ends a run too (the version
+        # answered, and rightly refused the request); a client that left says nothing either way.
+        if choice is Choice.SPLIT and outcome is not Outcome.ABANDONED:
+            self.consecutive_failures = self.consecutive_failures + 1 if _FAILURE[outcome] else 0
         if not _CALLER_FAULT[outcome]:
             tally.buckets[bucket] += 1
             tally.latency_sum += seconds
-            if choice <= Choice.STICKY:  # only the experiment's own traffic feeds its guardrail
-                self.consecutive_failures = self.consecutive_failures + 1 if _FAILURE[outcome] else 0
         if choice is Choice.SHADOW:
             return  # nobody was answered
         self.statuses[min(status // 100, 5) - 1] += 1

@@ -9,13 +9,20 @@ from __future__ import annotations
 import math
 from enum import IntEnum
 
-BUCKET_FACTOR = 1.25
+# 5% apart: the rollout's p95 test needs bounds as fine as the latency margins users set (its smallest
+# representable margin is one bucket ratio); 1 ms to 30 s is then 213 bounds.
+BUCKET_FACTOR = 1.05
 _FIRST_BUCKET = 0.001
 _LAST_BUCKET = 30.0
 LATENCY_BUCKETS: tuple[float, ...] = tuple(
-    round(_FIRST_BUCKET * BUCKET_FACTOR**i, 6)
+    float(f"{_FIRST_BUCKET * BUCKET_FACTOR**i:.6g}")  # 6 significant digits: ratios within 1e-5 of 1.05
     for i in range(math.ceil(math.log(_LAST_BUCKET / _FIRST_BUCKET, BUCKET_FACTOR)) + 1)
 )  # upper bounds in seconds; one more bucket (+Inf) follows
+# /metrics exports every fifth bound (27.6% apart), plus the last: a cumulative histogram may drop
+# bounds exactly, and 213 series per version would be a heavy scrape for no operational gain.
+EXPORTED_BUCKETS: tuple[int, ...] = tuple(
+    i for i in range(len(LATENCY_BUCKETS)) if i % 5 == 0 or i == len(LATENCY_BUCKETS) - 1
+)
 BUCKETS = len(LATENCY_BUCKETS) + 1
 
 
@@ -40,11 +47,11 @@ class Choice(IntEnum):
     """How the version that served a request was chosen."""
 
     SPLIT = 0  # the weighted split: the experiment's own assignment, the rollout's evidence
-    STICKY = 1  # the sticky cohort hash: evidence too, counted apart (one caller's requests are not
-    # independent: all its failures land on one version)
+    STICKY = 1  # the sticky cohort hash: counted apart and left out of the evidence (one caller's
+    # requests are not independent: all its failures land on one version, and the tests count requests)
     PINNED = 2  # named by the caller (path, X-Model-Version, an alias): served and counted, never evidence
     SHADOW = 3  # a mirrored copy whose answer is dropped: counted, never evidence
 
 
 CHOICES = tuple(choice.name.lower() for choice in Choice)
-EVIDENCE = (Choice.SPLIT, Choice.STICKY)
+EVIDENCE = (Choice.SPLIT,)  # what the rollout tests count

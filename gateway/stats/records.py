@@ -96,7 +96,7 @@ class VersionStats:
     buckets: tuple[int, ...]  # latency, non-cumulative; the last one is +Inf
     latency_sum: float
     in_flight: int
-    consecutive_failures: int  # of split and sticky requests, the rollout's guardrail
+    consecutive_failures: int  # of split requests (the rollout evidence), the rollout's guardrail
     # By `Choice` name; the lists above are what clients were answered (shadow copies are only here).
     # Absent from the records of releases before it: no evidence from those, rather than wrong evidence.
     choices: Mapping[str, Tally] | None = None
