@@ -87,6 +87,10 @@ class Fields:
             return float(value)
         raise self._fail(name, "a number", value)
 
+    def optional_number(self, name: str) -> float | None:
+        """A field that must be present and may be null."""
+        return None if self._get(name) is None else self.number(name)
+
     def integers(self, name: str) -> tuple[int, ...]:
         return tuple(self._items(name, _is_int, "whole numbers"))
 

@@ -7,6 +7,7 @@ from typing import Any, Literal, cast
 
 from gateway.rollout.sequential import Counts
 from gateway.rollout.statistics import TestStats
+from gateway.typed_json import Fields
 
 Phase = Literal["progressing", "paused", "promoted", "rolled_back"]
 Action = Literal["continue", "step_up", "promote", "rollback", "hold"]
@@ -64,7 +65,7 @@ class RolloutState:
             float(data["step_started"]),
             counts(data["seen_baseline"]),
             counts(data["seen_canary"]),
-            TestStats.from_json(data["tests"]),
+            TestStats.read(Fields(data["tests"], "tests")),
         )
 
 

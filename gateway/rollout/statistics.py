@@ -23,7 +23,6 @@ at most (1 + m) x a bound the baseline's p95 is shown above. The last step below
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +38,7 @@ from gateway.rollout.sequential import (
     split_increments,
 )
 from gateway.routing.table import Rollout
+from gateway.typed_json import Fields, RecordError
 
 ERROR_SHARE, LATENCY_SHARE, BOUND_SHARE, STREAK_SHARE = 0.45, 0.30, 0.15, 0.10  # of alpha; they sum to 1
 RESTART_SECONDS = 300.0  # a new component of each e-process starts at each step and at least this often
@@ -108,40 +108,26 @@ class TestStats:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> TestStats:
-        """Raises KeyError, TypeError or ValueError on anything else (a record of another release)."""
+    def read(cls, f: Fields) -> TestStats:
+        """Raises RecordError on anything else (a record of another release, or a damaged one)."""
 
-        def process(d: Mapping[str, Any], size: int) -> Restarting:
+        def process(d: Fields, size: int) -> Restarting:
             components = []
-            for c in d["components"]:
-                log_lr = tuple(_number(x) for x in c["log_lr"])
+            for c in d.entries("components"):
+                log_lr = c.numbers("log_lr")
                 if len(log_lr) != size:
-                    raise ValueError(f"expected {size} alternatives, got {len(log_lr)}")
-                components.append(Component(_number(c["log_weight"]), log_lr))
-            return Restarting(_whole(d["started"]), tuple(components))
+                    raise RecordError(f"{c.where}.log_lr: expected {size} alternatives, got {len(log_lr)}")
+                components.append(Component(c.number("log_weight"), log_lr))
+            return Restarting(d.integer("started"), tuple(components))
 
-        last = data["last_start"]
         return cls(
-            process(data["errors"], len(ODDS_GRID)),
-            process(data["latency"], len(SHARE_FACTORS)),
-            _whole(data["upper_bound"]),
-            -math.inf if last is None else _number(last),
-            _whole(data["looks"]),
-            _whole(data["canary_requests"]),
+            process(f.child("errors"), len(ODDS_GRID)),
+            process(f.child("latency"), len(SHARE_FACTORS)),
+            f.integer("upper_bound"),
+            -math.inf if f.optional_number("last_start") is None else f.number("last_start"),
+            f.integer("looks"),
+            f.integer("canary_requests"),
         )
-
-
-def _number(x: object) -> float:
-    """A JSON number, never coerced ("0.5" is not 0.5, true is not 1)."""
-    if isinstance(x, bool) or not isinstance(x, int | float):
-        raise TypeError(f"expected a number, got {x!r}")
-    return float(x)
-
-
-def _whole(x: object) -> int:
-    if isinstance(x, bool) or not isinstance(x, int):
-        raise TypeError(f"expected a whole number, got {x!r}")
-    return x
 
 
 @dataclass(frozen=True, slots=True)
