@@ -1,0 +1,78 @@
+// The parts of a model's card that explain: the rollout and its evidence, its timeline, and lineage.
+
+import { el, fmt, confirmThen } from "./dom.js";
+import { api } from "./api.js";
+
+const PHASE_CLASS = { progressing: "warn", paused: "warn", promoted: "ok", rolled_back: "bad" };
+const ACTIONS = {
+  pause: { label: "Pause", when: ["progressing"], say: (m) => `Pause the rollout of ${m}? The canary keeps its weight and no step is taken until it is resumed.` },
+  resume: { label: "Resume", when: ["paused"], say: (m) => `Resume the rollout of ${m}?` },
+  promote: { label: "Promote", when: ["progressing", "paused"], say: (m, r) => `Promote ${r.canary} of ${m} to 100% now, without waiting for the evidence?` },
+  rollback: { label: "Roll back", when: ["progressing", "paused"], danger: true, say: (m, r) => `Roll back ${r.canary} of ${m}? Its weight goes to 0 and this rollout ends.` },
+};
+
+export function renderRollout(box, model, rollout, canAct) {
+  if (!rollout) {
+    box.replaceChildren(el("p", { class: "muted", text: "No rollout for this model in the routes file." }));
+    return;
+  }
+  const record = rollout.record;
+  const head = el("div", { class: "rollout" });
+  if (!record) {
+    head.append(el("span", { class: "phase", "data-field": "phase", "data-value": "not_started", text: "not started" }),
+      el("span", { text: `canary ${rollout.canary} against baseline ${rollout.baseline}, steps ${rollout.steps.join(", ")}%` }));
+    box.replaceChildren(head, rollout.record_error ? el("p", { class: "event-bad", text: `The stored record is unreadable: ${rollout.record_error}` }) : "");
+    return;
+  }
+  const { phase, step, weight } = record.state;
+  head.append(
+    el("span", { class: `phase pill ${PHASE_CLASS[phase] || ""}`, "data-field": "phase", "data-value": phase, text: phase.replace("_", " ") }),
+    el("span", { "data-field": "step", "data-value": step, text: `step ${step + 1} of ${rollout.steps.length} (${rollout.steps.join(" → ")}%)` }),
+    el("span", { "data-field": "canary_weight", "data-value": weight, text: `canary ${rollout.canary} at ${weight}%` }),
+    el("span", { class: "muted", text: `baseline ${rollout.baseline}${rollout.differs_from_file ? " · the live weight differs from the file's split" : ""}` }));
+  const reason = record.evidence?.reason || [...record.history].reverse().find((h) => h.evidence?.reason)?.evidence.reason;
+  const parts = [head, el("p", { class: "reason", "data-field": "reason", text: reason || "No decision yet: gathering evidence." })];
+  const waiting = record.evidence?.waiting;
+  if (Array.isArray(waiting) && waiting.length) parts.push(el("p", { class: "muted", text: `Waiting for: ${waiting.join("; ")}` }));
+  const counts = record.evidence?.counts;
+  if (counts) {
+    const one = (name, c) => `${name} ${c.requests} requests, ${c.failures} failed`;
+    parts.push(el("p", { class: "muted", text: `This step so far: ${one("baseline", counts.baseline)}; ${one("canary", counts.canary)}.` }));
+  }
+  if (canAct) {
+    const buttons = Object.entries(ACTIONS).filter(([, a]) => a.when.includes(phase)).map(([action, a]) =>
+      el("button", { class: a.danger ? "danger" : "act", "data-action": action, text: a.label, onclick: () =>
+        confirmThen(a.say(model, rollout), async () => {
+          await api("POST", `/api/rollouts/${encodeURIComponent(model)}/${action}`);
+          return `${a.label}: accepted for ${model}; the controller applies it within a second`;
+        }) }));
+    if (buttons.length) parts.push(el("div", { class: "actions" }, ...buttons));
+  }
+  box.replaceChildren(...parts);
+}
+
+export function renderTimeline(list, rollout) {
+  const history = rollout?.record?.history || [];
+  list.replaceChildren(...[...history].reverse().map((h) => el("li", { "data-action": h.action },
+    el("span", { class: "muted", text: `${fmt.time(h.time)} ` }),
+    el("strong", { text: h.action.replace("_", " ") }),
+    ` → canary at ${h.weight}%, by ${h.by}${h.evidence?.reason ? `: ${h.evidence.reason}` : ""}`)));
+  if (!history.length) list.replaceChildren(el("li", { class: "muted", text: "No decisions yet." }));
+}
+
+export function renderLineage(box, model, route, registry) {
+  if (!route) { box.replaceChildren(); return; }
+  box.replaceChildren(...Object.entries(route.versions).map(([version, v]) => {
+    const rows = [["backend", v.backend], ["Triton target", v.target]];
+    for (const [k, value] of Object.entries(v.metadata || {})) rows.push([k, typeof value === "object" ? JSON.stringify(value) : String(value)]);
+    const reg = registry?.versions?.[version]?.summary;
+    if (registry?.error) rows.push(["registry", registry.error]);
+    else if (reg && reg.registered) {
+      rows.push(["archive", reg.digest], ["registered", `${fmt.time(reg.registered_at)} by ${reg.registered_by}`]);
+      if (reg.first_served) rows.push(["first served", fmt.time(reg.first_served)]);
+      if (reg.rollouts.length) rows.push(["rollouts", reg.rollouts.map((r) => r.outcome || r.phase || r.action || "").join(", ")]);
+    } else if (reg) rows.push(["registry", "not registered (no archive)"]);
+    return el("div", { "data-version": version }, el("strong", { text: version }),
+      el("dl", { class: "meta" }, ...rows.flatMap(([k, value]) => [el("dt", { text: k }), el("dd", { text: value })])));
+  }));
+}
