@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 LINTED := gateway backends tests load_tests scripts
 
-.PHONY: install run test lint typecheck unit bench clean
+.PHONY: install run demo test lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(PY) scripts/run_local.py --routes routes.yaml
+
+# With `make run` serving in another terminal: steady traffic, then the canary fails and is rolled back.
+demo: $(STAMP)
+	$(PY) scripts/demo.py --routes routes.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINTED)

@@ -496,9 +496,12 @@ def test_example_routes_yaml_loads(monkeypatch: pytest.MonkeyPatch) -> None:
         "triton-b": ("127.0.0.1", 8020, 10.0),
     }
     model = table.models["fraud-detector"]
-    assert model.split == (("2.1.3", 90), ("2.2.0", 10))
+    assert model.split == (("2.1.3", 100), ("2.2.0", 0))  # where the rollout starts
     assert dict(model.aliases) == {"stable": "2.1.3", "candidate": "2.2.0"}
     assert model.sticky_header == "x-user-id"
+    assert model.mirror == Mirror(to="2.2.0", percent=20.0)
+    assert model.rollout is not None
+    assert (model.rollout.baseline, model.rollout.canary) == ("2.1.3", "2.2.0")
     stable = model.resolve("stable")
     assert stable is not None
     assert (stable.backend, stable.triton_model, stable.triton_version) == ("triton-a", "fraud_detector", "3")

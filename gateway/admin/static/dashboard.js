@@ -228,17 +228,18 @@ function renderCharts(now, c, name, versions) {
     points: (state.history.get(`${name}/${version}`) || []).map((p) => [p.t, p[field]]),
   }));
   const options = { windowSeconds: HISTORY_SECONDS, now };
-  drawChart(c.canvases[0], "requests/s", series("rps"), { ...options, format: (x) => x.toFixed(0) });
-  drawChart(c.canvases[1], "error rate", series("error_rate"), { ...options, format: (x) => `${(x * 100).toFixed(1)}%` });
+  drawChart(c.canvases[0], "requests/s", series("rps"), { ...options, format: (x) => String(+x.toFixed(1)) });
+  drawChart(c.canvases[1], "error rate", series("error_rate"), { ...options, format: (x) => `${+(x * 100).toFixed(2)}%` });
   drawChart(c.canvases[2], "latency p50 · p95 (dashed) · p99 (dotted), ms",
     [...series("p50"), ...series("p95", { dash: [6, 3] }), ...series("p99", { dash: [2, 3] })],
-    { ...options, format: (x) => x.toFixed(1) });
+    { ...options, format: (x) => String(+x.toFixed(1)) });
   c.legend.replaceChildren(...versions.map((v, i) => el("span", { style: { color: COLORS[i % COLORS.length] }, text: `■ ${v}` })));
 }
 
 function renderOverride(c, name, versions, entry) {
-  const key = `${state.canAct}|${versions.join(",")}|${entry.override?.active ? "on" : "off"}`;
-  if (c.versionsKey === key) return; // keep what the operator is typing
+  const live = versions.map((v) => entry.versions[v].weight_live).join(",");
+  const key = `${state.canAct}|${versions.join(",")}|${live}|${entry.override?.active ? "on" : "off"}`;
+  if (c.versionsKey === key || c.override.contains(document.activeElement)) return; // keep what is being typed
   c.versionsKey = key;
   if (!state.canAct) { c.override.replaceChildren(); return; }
   const inputs = versions.map((version) => el("input", { type: "number", min: 0, max: 100, step: 1, "data-version": version,
@@ -306,5 +307,9 @@ $("reload").addEventListener("click", () => confirmThen("Make every worker reloa
   return `reloaded: ${Object.keys(answer.workers).length} worker(s) loaded the file`;
 }));
 
-const saved = getToken();
+// `make run` prints the dashboard's URL with #token=...: a fragment never reaches a server or its logs.
+// Take it into sessionStorage and out of the address bar (and of the history entry).
+const fragment = new URLSearchParams(location.hash.slice(1)).get("token");
+if (fragment) history.replaceState(null, "", location.pathname + location.search);
+const saved = fragment || getToken();
 if (saved) signIn(saved); else showLogin("");

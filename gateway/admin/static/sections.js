@@ -30,7 +30,11 @@ export function renderRollout(box, model, rollout, canAct) {
     el("span", { "data-field": "step", "data-value": step, text: `step ${step + 1} of ${rollout.steps.length} (${rollout.steps.join(" → ")}%)` }),
     el("span", { "data-field": "canary_weight", "data-value": weight, text: `canary ${rollout.canary} at ${weight}%` }),
     el("span", { class: "muted", text: `baseline ${rollout.baseline}${rollout.differs_from_file ? " · the live weight differs from the file's split" : ""}` }));
-  const reason = record.evidence?.reason || [...record.history].reverse().find((h) => h.evidence?.reason)?.evidence.reason;
+  // An operator's action is the latest word when it came after the engine's last decision.
+  const last = record.history[record.history.length - 1];
+  const reason = last && last.by !== "controller" && !last.evidence
+    ? `${last.action.replace("_", " ")} by ${last.by} at ${fmt.time(last.time)} (an operator's action; the last evidence was: ${record.evidence?.reason || "none yet"})`
+    : record.evidence?.reason;
   const parts = [head, el("p", { class: "reason", "data-field": "reason", text: reason || "No decision yet: gathering evidence." })];
   const waiting = record.evidence?.waiting;
   if (Array.isArray(waiting) && waiting.length) parts.push(el("p", { class: "muted", text: `Waiting for: ${waiting.join("; ")}` }));
