@@ -83,18 +83,59 @@ def describe(admin: Admin) -> str:
     )
 
 
-def screenshot(url: str, token: str, path: Path) -> None:
-    from playwright.sync_api import sync_playwright  # only for --screenshots
+class Screenshots:
+    """One dashboard page open for the whole demo, so its charts hold every point when it is saved."""
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1500, "height": 1000})
-        page.goto(f"{url}/#token={token}")
-        page.wait_for_selector(f'[data-model="{MODEL}"] [data-field="phase"]')
-        time.sleep(3)  # a few polls, so the charts have points
-        page.screenshot(path=str(path), full_page=True)
-        browser.close()
-    print(f"saved {path}")
+    def __init__(self, folder: str | None, url: str, token: str) -> None:
+        self.folder = Path(folder) if folder else None
+        self.url, self.token = url, token
+
+    def __enter__(self) -> Screenshots:
+        if self.folder is None:
+            return self
+        from playwright.sync_api import sync_playwright  # only for --screenshots
+
+        self._playwright = sync_playwright().start()
+        browser = self._playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        self.page = browser.new_page(viewport={"width": 1500, "height": 1000})
+        self.page.goto(f"{self.url}/#token={self.token}")
+        self.page.wait_for_selector(f'[data-model="{MODEL}"] [data-field="phase"]')
+        return self
+
+    def save(self, name: str) -> None:
+        if self.folder is not None:
+            path = self.folder / name
+            self.page.screenshot(path=str(path), full_page=True)
+            print(f"saved {path}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.folder is not None:
+            self._playwright.stop()
+
+
+def watch(args: argparse.Namespace, admin: Admin, knobs: Path, shots: Screenshots) -> int:
+    started = time.monotonic()
+    while time.monotonic() - started < args.healthy:
+        time.sleep(5)
+        print(f"  {time.monotonic() - started:4.0f} s  {describe(admin)}", flush=True)
+    shots.save("dashboard-healthy.png")
+    write_knobs(knobs, Knobs(error_rate=args.error_rate))
+    print(f"now {args.error_rate:.0%} of the canary's requests fail ({knobs}); watch the dashboard")
+    failing = time.monotonic()
+    while time.monotonic() - failing < args.timeout:
+        time.sleep(1)
+        entry = admin.rollout()
+        if entry["record"] and entry["record"]["state"]["phase"] == "rolled_back":
+            took = time.monotonic() - failing
+            print(f"rolled back {took:.0f} s after the canary started failing:")
+            print(f"  {entry['record']['evidence'].get('reason', '')}")
+            time.sleep(5)  # the dashboard's charts show the drop
+            shots.save("dashboard-rolled-back.png")
+            return 0
+        if int(time.monotonic() - failing) % 5 == 0:
+            print(f"  {describe(admin)}", flush=True)
+    print(f"not rolled back within {args.timeout:g} s: {describe(admin)}", file=sys.stderr)
+    return 1
 
 
 def main() -> int:
@@ -138,30 +179,8 @@ def main() -> int:
     sender = threading.Thread(target=traffic, args=(args.port, args.rate, stop, sent), daemon=True)
     sender.start()
     try:
-        started = time.monotonic()
-        while time.monotonic() - started < args.healthy:
-            time.sleep(5)
-            print(f"  {time.monotonic() - started:4.0f} s  {describe(admin)}", flush=True)
-        if args.screenshots:
-            screenshot(admin.url, token, Path(args.screenshots) / "dashboard-healthy.png")
-        write_knobs(knobs, Knobs(error_rate=args.error_rate))
-        print(f"now {args.error_rate:.0%} of the canary's requests fail ({knobs}); watch the dashboard")
-        failing = time.monotonic()
-        while time.monotonic() - failing < args.timeout:
-            time.sleep(1)
-            entry = admin.rollout()
-            if entry["record"] and entry["record"]["state"]["phase"] == "rolled_back":
-                took = time.monotonic() - failing
-                print(f"rolled back {took:.0f} s after the canary started failing:")
-                print(f"  {entry['record']['evidence'].get('reason', '')}")
-                time.sleep(3)  # the dashboard's charts show the drop
-                if args.screenshots:
-                    screenshot(admin.url, token, Path(args.screenshots) / "dashboard-rolled-back.png")
-                return 0
-            if int(time.monotonic() - failing) % 5 == 0:
-                print(f"  {describe(admin)}", flush=True)
-        print(f"not rolled back within {args.timeout:g} s: {describe(admin)}", file=sys.stderr)
-        return 1
+        with Screenshots(args.screenshots, admin.url, token) as shots:
+            return watch(args, admin, knobs, shots)
     finally:
         stop.set()
         sender.join(5)
