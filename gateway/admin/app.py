@@ -29,6 +29,7 @@ from gateway.admin.control_plane import ControlPlane, OverrideError
 from gateway.admin.keys import add_key_routes
 from gateway.admin.openapi import OPENAPI
 from gateway.admin.rollouts import add_rollout_routes
+from gateway.admin.shadow import add_shadow_routes
 from gateway.admin.versions import add_version_routes
 from gateway.store.base import Store
 
@@ -262,6 +263,7 @@ def build_admin_app(
     add_key_routes(app, store, plane.audit_log)
     add_rollout_routes(app, plane, store)
     add_version_routes(app, plane, store)
+    add_shadow_routes(app, plane)
     dashboard.add_dashboard_routes(app)
 
     async def start_sampling(app: web.Application) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from gateway.routing import config
 from gateway.routing.table import RouteTable, model_digest
+from gateway.shadow.compare import merge_all
 from gateway.state import files as snapshots
 from gateway.state.files import Override
 from gateway.state.records import ReloadEvent, WorkerSnapshot
@@ -213,6 +214,15 @@ class ControlPlane:
     def store_view(self) -> dict[str, Any]:
         """Each worker's view of the store: reachable or not, and what it did while it was not."""
         return {str(w.pid): {"alive": w.alive, **w.admission.summary_json()} for w in self.workers()}
+
+    def shadow_view(self) -> dict[str, Any]:
+        """Shadow comparisons per version pair, summed over every worker that ever reported."""
+        merged = merge_all(w.mirrors.comparisons for w in self.workers())
+        pairs = [
+            {"model": model, "primary": primary, "shadow": shadow, **stats.summary()}
+            for (model, primary, shadow), stats in sorted(merged.items())
+        ]
+        return {"pairs": pairs}
 
     def restarts_view(self) -> dict[str, Any]:
         return {"total": self.worker_restarts, "recent": [asdict(r) for r in reversed(self.recent_restarts)]}

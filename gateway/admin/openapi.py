@@ -10,6 +10,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.admin.keys import KEYS_OPENAPI_PATHS, KEYS_OPENAPI_SCHEMAS
+from gateway.admin.shadow import SHADOW_OPENAPI_PATHS, SHADOW_OPENAPI_SCHEMAS
 from gateway.admin.versions import VERSIONS_OPENAPI_PATHS, VERSIONS_OPENAPI_SCHEMAS
 
 
@@ -444,6 +445,7 @@ OPENAPI: dict[str, Any] = {
         },
         **KEYS_OPENAPI_PATHS,
         **VERSIONS_OPENAPI_PATHS,
+        **SHADOW_OPENAPI_PATHS,
     },
     "components": {
         "securitySchemes": {
@@ -459,7 +461,7 @@ OPENAPI: dict[str, Any] = {
             "Forbidden": _json("Error", "A read token asked for an action; it needs the operate role"),
             "InternalError": _json("Error", "The gateway failed; the details are in its log"),
         },
-        "schemas": {**_SCHEMAS, **KEYS_OPENAPI_SCHEMAS, **VERSIONS_OPENAPI_SCHEMAS},
+        "schemas": {**_SCHEMAS, **KEYS_OPENAPI_SCHEMAS, **VERSIONS_OPENAPI_SCHEMAS, **SHADOW_OPENAPI_SCHEMAS},
     },
 }
 
