@@ -49,6 +49,7 @@ models:
       1.0.0: {{backend: triton-a, target: fraud_detector/3}}
       1.1.0: {{backend: triton-b, target: fraud_detector/4}}
     split: {{1.0.0: 100, 1.1.0: 0}}
+    mirror: {{to: 1.1.0, percent: 100}}
     rollout: {{baseline: 1.0.0, canary: 1.1.0, steps: [10, 100]}}
 keys: {{required: false}}
 store: {{url: "memory://"}}
@@ -161,6 +162,17 @@ def test_the_page_shows_what_the_admin_api_says(setup: Setup, browser: Browser) 
     # Pinned traffic is shown apart from the split's.
     assert float(shown(page, CHURN, "1.1.0", "pinned_rps")) > 0
     assert float(shown(page, CHURN, "1.0.0", "pinned_rps")) == 0
+    # The shadow comparison of churn's mirror (1.0.0's answers against 1.1.0's, which differ).
+    pairs = {p["primary"]: p for p in admin(process, "GET", "/api/shadow")[1]["pairs"] if p["model"] == CHURN}
+    row = card.locator('tr[data-pair="1.0.0>1.1.0"]')
+    assert pairs["1.0.0"]["compared"] > 0 and pairs["1.0.0"]["equal_share"] == 0
+    for field, value in (
+        ("compared", pairs["1.0.0"]["compared"]),
+        ("equal_share", pairs["1.0.0"]["equal_share"]),
+        ("diff_p95", pairs["1.0.0"]["max_abs_diff"]["p95"]),
+    ):
+        assert float(str(row.locator(f'[data-field="{field}"]').get_attribute("data-value"))) == value, field
+    assert float(shown(page, CHURN, "1.1.0", "shadow_rps")) > 0  # shadow traffic shown apart
     record = admin(process, "GET", "/api/rollouts")[1]["rollouts"][FD]["record"]
     assert shown(page, FD, None, "phase") == record["state"]["phase"] == "progressing"
     assert int(shown(page, FD, None, "canary_weight")) == record["state"]["weight"] == 30

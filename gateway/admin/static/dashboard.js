@@ -6,7 +6,7 @@
 import { drawChart, COLORS } from "./charts.js";
 import { api, setToken, getToken } from "./api.js";
 import { el, fmt, confirmThen } from "./dom.js";
-import { renderRollout, renderTimeline, renderLineage } from "./sections.js";
+import { renderRollout, renderTimeline, renderLineage, renderShadow } from "./sections.js";
 
 const POLL_MS = 1000;
 const HISTORY_SECONDS = 300;
@@ -68,7 +68,7 @@ async function signIn(token) {
 export async function poll() {
   clearTimeout(state.timer);
   try {
-    const [status, versions, routes, rollouts, store, audit, reloads] = await Promise.all([
+    const [status, versions, routes, rollouts, store, audit, reloads, shadow] = await Promise.all([
       api("GET", "/api/status"),
       api("GET", "/api/versions"),
       api("GET", "/api/routes"),
@@ -76,10 +76,11 @@ export async function poll() {
       api("GET", "/api/store"),
       api("GET", "/api/audit?limit=60"),
       api("GET", "/api/reloads"),
+      api("GET", "/api/shadow"),
     ]);
     const now = Date.now() / 1000;
     remember(now, status, versions);
-    render(now, { status, versions, routes, rollouts, store, audit, reloads });
+    render(now, { status, versions, routes, rollouts, store, audit, reloads, shadow });
     $("banner").hidden = !rollouts.error;
     $("banner").textContent = rollouts.error ? `Rollout state unavailable: ${rollouts.error}` : "";
     $("updated").textContent = `updated ${fmt.time(now)}`;
@@ -169,6 +170,7 @@ function card(name) {
   c.root.append(c.title, c.sub, c.rollout,
     el("h3", { text: "Versions (last minute)" }), el("table", { class: "versions" }, el("thead", {}, head), c.rows),
     el("h3", { text: "Last five minutes" }), el("div", { class: "charts" }, ...canvases), c.legend,
+    el("h3", { text: "Shadow comparison: mirrored answers against the primary's (since start)" }), c.shadow,
     el("h3", { text: "Rollout timeline" }), c.timeline,
     el("h3", { text: "Versions: metadata and lineage" }), c.lineage, c.override);
   $("models").append(c.root);
@@ -212,6 +214,7 @@ function renderModel(now, name, data) {
   renderCharts(now, c, name, versions);
   renderRollout(c.rollout, name, rollout, state.canAct);
   renderTimeline(c.timeline, rollout);
+  renderShadow(c.shadow, route, data.shadow.pairs.filter((p) => p.model === name));
   renderLineage(c.lineage, name, route, state.registry.get(name)?.data);
   if (!state.registry.has(name) || now - state.registry.get(name).at > REGISTRY_EVERY_S) {
     state.registry.set(name, { at: now, data: state.registry.get(name)?.data });

@@ -80,3 +80,33 @@ export function renderLineage(box, model, route, registry) {
       el("dl", { class: "meta" }, ...rows.flatMap(([k, value]) => [el("dt", { text: k }), el("dd", { text: value })])));
   }));
 }
+
+const diff = (x) => (x == null ? "–" : typeof x === "string" ? "> 1e4" : x === 0 ? "0" : x.toPrecision(2));
+
+export function renderShadow(box, route, pairs) {
+  if (!route?.mirror && !pairs.length) {
+    box.replaceChildren(el("p", { class: "muted", text: "No mirror for this model." }));
+    return;
+  }
+  if (!pairs.length) {
+    box.replaceChildren(el("p", { class: "muted", text: `Mirroring ${route.mirror.percent}% to ${route.mirror.to}; no answers compared yet.` }));
+    return;
+  }
+  const head = el("tr", {}, ...["primary → shadow", "compared", "equal (within tolerance)", "same argmax",
+    "largest |difference| p50", "p95", "p99", "latency difference (shadow − primary) mean", "p95", "not compared"]
+    .map((h, i) => el("th", { class: i > 0 && i < 9 ? "num" : null, text: h })));
+  const cell = (field, value, text) => el("td", { class: "num", "data-field": field, "data-value": value == null ? "" : String(value), text });
+  const rows = pairs.map((p) => {
+    const skipped = Object.entries(p.not_compared).filter(([, n]) => n).map(([r, n]) => `${r} ${n}`).join(", ");
+    return el("tr", { "data-pair": `${p.primary}>${p.shadow}` }, el("td", { text: `${p.primary} → ${p.shadow}` }),
+      cell("compared", p.compared, String(p.compared)),
+      cell("equal_share", p.equal_share, fmt.pct(p.equal_share)),
+      cell("same_argmax_share", p.same_argmax_share, p.argmax_compared ? fmt.pct(p.same_argmax_share) : "no class output"),
+      ...["p50", "p95", "p99"].map((q) => cell(`diff_${q}`, p.max_abs_diff[q], diff(p.max_abs_diff[q]))),
+      cell("latency_mean", p.latency_diff_ms.mean, fmt.ms(p.latency_diff_ms.mean)),
+      cell("latency_p95", p.latency_diff_ms.p95, typeof p.latency_diff_ms.p95 === "string" ? "> 10 s" : fmt.ms(p.latency_diff_ms.p95)),
+      el("td", { text: skipped || "none" }));
+  });
+  box.replaceChildren(el("table", { class: "shadow-table" }, el("thead", {}, head), el("tbody", {}, ...rows)),
+    el("p", { class: "muted", text: "Shadow copies are never returned to callers, never charged to keys or limits, and never rollout evidence." }));
+}
