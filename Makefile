@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-LINTED := gateway backends tests load_tests scripts
+LINTED := gateway backends tests load_tests scripts deploy
 
 .PHONY: install run demo test lint typecheck unit tools bench clean
 
