@@ -116,6 +116,7 @@ def test_pairs_are_compared_skipped_by_reason_and_release_their_budget(
 
     def one(primary: bytes, shadow: bytes, status: int = 200) -> None:
         pair = comparer.pair("m", "1", "2")
+        assert pair is not None
         pair.head(PRIMARY, 200, None)
         pair.head(SHADOW, status, None)
         pair.body(PRIMARY, primary)
@@ -128,6 +129,7 @@ def test_pairs_are_compared_skipped_by_reason_and_release_their_budget(
     one(small, b"x" * 300)  # over the per-answer budget
     one(small, b"garbage")
     cancelled = comparer.pair("m", "1", "2")
+    assert cancelled is not None
     cancelled.cancel()
     cancelled.done(PRIMARY, 0.1)
     stats = wait_compared(comparer, "m/1/2", 4)
@@ -140,10 +142,10 @@ def test_pairs_are_compared_skipped_by_reason_and_release_their_budget(
 def test_a_full_budget_skips_the_comparison_not_the_request(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shadow_comparer, "MAX_HELD_BYTES", 100)
     comparer = Comparer()
-    first = comparer.pair("m", "1", "2")
+    first, second = comparer.pair("m", "1", "2"), comparer.pair("m", "1", "2")
+    assert first is not None and second is not None
     first.head(PRIMARY, 200, None)
     first.body(PRIMARY, b"a" * 80)  # held while its shadow has not answered
-    second = comparer.pair("m", "1", "2")
     second.head(PRIMARY, 200, None)
     second.head(SHADOW, 200, None)
     second.body(PRIMARY, b"b" * 40)  # would pass the worker's budget
@@ -154,3 +156,10 @@ def test_a_full_budget_skips_the_comparison_not_the_request(monkeypatch: pytest.
     stats = wait_compared(comparer, "m/1/2", 2)
     assert stats.not_compared["busy"] == 1 and stats.not_compared["status"] == 1
     assert comparer._held == 0
+
+
+def test_a_spent_cpu_budget_collects_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shadow_comparer, "CPU_SHARE", 0.0)
+    comparer = Comparer()
+    assert comparer.pair("m", "1", "2") is None
+    assert comparer.figures()["m/1/2"].not_compared["busy"] == 1

@@ -92,7 +92,7 @@ class Mirrors:
         self.skipped = 0
         self.comparer = Comparer()
 
-    def pair(self, primary: VersionRoute, shadow: VersionRoute) -> Pair:
+    def pair(self, primary: VersionRoute, shadow: VersionRoute) -> Pair | None:
         return self.comparer.pair(primary.model, primary.version.id, shadow.version.id)
 
     def send(
