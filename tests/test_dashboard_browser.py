@@ -203,7 +203,7 @@ def test_a_read_token_sees_everything_and_no_actions(setup: Setup, browser: Brow
     assert browser.console_errors == []
 
 
-def test_pause_and_rollback_buttons_work(setup: Setup, browser: Browser) -> None:
+def test_pause_rollback_and_override_buttons_work(setup: Setup, browser: Browser) -> None:
     process, page = setup.gateway, browser.page
     sign_in(page, process, process.admin_token)
     card = page.locator(f'[data-model="{CHURN}"]')
@@ -225,6 +225,27 @@ def test_pause_and_rollback_buttons_work(setup: Setup, browser: Browser) -> None
     expect(card.locator(".timeline")).to_contain_text("rollback")
     expect(page.locator("#events")).to_contain_text("tester: rollout.rollback (model=churn)")
     assert card.locator("button[data-action]").count() == 0  # nothing left to do with an ended rollout
+
+    # A weight override from the form, confirmed, then cleared.
+    card.locator('.override input[data-version="1.0.0"]').fill("70")
+    card.locator('.override input[data-version="1.1.0"]').fill("30")
+    card.locator('.override input[aria-label="reason"]').fill("browser test")
+    card.locator(".override button.act").click()
+    expect(page.locator("#confirm-text")).to_contain_text("1.0.0 70%, 1.1.0 30%")
+    page.click("#confirm-ok")
+    expect(card.locator("p.muted").first).to_contain_text(
+        "weight override by tester: browser test", timeout=5000
+    )
+    override = admin(process, "GET", "/api/routes")[1]["models"][CHURN]["override"]
+    assert (override["weights"], override["set_by"], override["active"]) == (
+        {"1.0.0": 70, "1.1.0": 30},
+        "tester",
+        True,
+    )
+    card.get_by_role("button", name="Clear override").click()
+    page.click("#confirm-ok")
+    expect(card.locator("p.muted").first).not_to_contain_text("weight override", timeout=5000)
+    assert admin(process, "GET", "/api/routes")[1]["models"][CHURN]["override"] is None
     assert browser.console_errors == []
 
 

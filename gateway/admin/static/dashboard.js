@@ -190,7 +190,7 @@ function renderModel(now, name, data) {
   const parts = [];
   if (route?.sticky_header) parts.push(`sticky on ${route.sticky_header}`);
   if (route?.mirror) parts.push(`mirror ${route.mirror.percent}% to ${route.mirror.to}`);
-  if (entry.override?.active) parts.push(`weight override by ${entry.override.who}${entry.override.reason ? `: ${entry.override.reason}` : ""}`);
+  if (entry.override?.active) parts.push(`weight override by ${entry.override.set_by}${entry.override.reason ? `: ${entry.override.reason}` : ""}`);
   if (!entry.live_split_agrees) parts.push("workers route differently");
   c.sub.textContent = parts.join(" · ");
   const versions = Object.keys(entry.versions);
