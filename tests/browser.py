@@ -25,6 +25,7 @@ SHOTS = Path(tempfile.gettempdir()) / "gateway-dashboard-screenshots"
 class Browser:
     page: Page
     console_errors: list[str] = field(default_factory=list)
+    requested: list[str] = field(default_factory=list)  # every URL the page asked for
 
     def screenshot(self, name: str) -> Path:
         SHOTS.mkdir(parents=True, exist_ok=True)
@@ -49,6 +50,7 @@ def chromium(width: int = 1500, height: int = 1100) -> Iterator[Browser]:
                     found.console_errors.append(f"{message.text} at {message.location}")
 
             page.on("console", on_console)
+            page.on("request", lambda request: found.requested.append(request.url))
             page.on("pageerror", lambda error: found.console_errors.append(f"uncaught: {error}"))
             yield found
         finally:

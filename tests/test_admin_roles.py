@@ -15,6 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.admin import app as admin
+from gateway.admin import dashboard
 from gateway.admin.auth import AdminToken, TokenError, parse_tokens
 from gateway.admin.control_plane import ControlPlane
 from gateway.app import server
@@ -143,3 +144,11 @@ async def test_dashboard_files_need_no_token_and_nothing_else_is_public(api: Adm
             assert "import" not in await response.text()
     async with api.client.post("/") as response:
         assert response.status == 401  # only reading the files is public
+
+
+def test_dashboard_assets_name_no_other_origin() -> None:
+    """Every asset is served by the gateway: no CDN, no font or script from elsewhere."""
+    for path in sorted(dashboard.STATIC.iterdir()):
+        text = path.read_text()
+        assert "http://" not in text.replace("http://www.w3.org/2000/svg", ""), path.name
+        assert "https://" not in text and "//cdn" not in text, path.name

@@ -188,6 +188,10 @@ def test_the_page_shows_what_the_admin_api_says(setup: Setup, browser: Browser) 
     assert page.locator("#workers tbody tr").count() == 1
     browser.screenshot("healthy-rollout")
     assert browser.console_errors == []
+    # Everything came from the gateway's admin port (no CDN), with no cookie and nothing kept beyond the tab.
+    assert browser.requested and all(url.startswith(process.admin_url + "/") for url in browser.requested)
+    assert page.context.cookies() == []
+    assert page.evaluate("localStorage.length") == 0 and page.evaluate("sessionStorage.length") == 1
 
 
 def test_a_read_token_sees_everything_and_no_actions(setup: Setup, browser: Browser) -> None:
