@@ -194,7 +194,7 @@ async def test_every_route_refuses_without_a_valid_token(
     public = {("GET", "/"), ("GET", "/index.html"), ("GET", "/static/{name}")}  # the dashboard's files
     assert public <= served_routes(api.app)
     routes = (served_routes(api.app) - public) | {("GET", "/no/such/route")}
-    assert len(routes) == 26  # 25 served, and one that is not
+    assert len(routes) == 27  # 26 served, and one that is not
     wrong = ["", "Bearer", "Bearer ", "Bearer nope", f"Basic {ALICE}", f"Bearer {ALICE}x", ALICE]
     for method, path in sorted(routes):
         async with api.client.request(method, concrete(path)) as response:

@@ -90,6 +90,9 @@ class AdminAPI:
     async def reloads(self, request: web.Request) -> web.Response:
         return _json(self.plane.reloads_view())
 
+    async def history(self, request: web.Request) -> web.Response:
+        return _json(self.plane.history_view())
+
     async def backends(self, request: web.Request) -> web.Response:
         return _json(self.plane.backends_view())
 
@@ -247,6 +250,7 @@ def build_admin_app(
     for path, handler in (
         ("/api/routes", api.routes),
         ("/api/versions", api.versions),
+        ("/api/history", api.history),
         ("/api/reloads", api.reloads),
         ("/api/backends", api.backends),
         ("/api/store", api.store),

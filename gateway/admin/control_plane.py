@@ -28,6 +28,9 @@ from gateway.stats.kinds import CHOICES
 from gateway.stats.records import VersionStats
 
 WINDOW = 60.0  # seconds of live statistics
+HISTORY = 300.0  # seconds of samples kept for the dashboard's charts
+CHART_WINDOW = 10.0  # seconds each chart point covers: short enough to show a canary start failing
+CHART_STEP = 2.0  # seconds between chart points
 ReloadTrigger = Callable[[], Awaitable[None]]
 
 
@@ -95,7 +98,7 @@ class ControlPlane:
         """Remember the merged totals now; call about once a second for live windows."""
         now = time.monotonic()
         self._history.append((now, self.merged_totals()))
-        while self._history and now - self._history[0][0] > WINDOW + 5:
+        while self._history and now - self._history[0][0] > HISTORY + CHART_WINDOW:
             self._history.popleft()
 
     def window(self) -> tuple[float, dict[str, Totals]]:
@@ -110,6 +113,41 @@ class ControlPlane:
                 break
         empty = Totals.merge([])
         return now - start, {key: totals.minus(earliest.get(key, empty)) for key, totals in latest.items()}
+
+    def history_view(self) -> dict[str, Any]:
+        """Per version, points every CHART_STEP over the last HISTORY seconds, each over CHART_WINDOW:
+        what the dashboard's charts draw, so a page opened now shows the last minutes at once."""
+        samples = list(self._history)
+        now_mono, now_wall = time.monotonic(), time.time()
+        empty = Totals.merge([])
+        series: dict[str, dict[str, list[Any]]] = {}
+        first, last_at = 0, -float("inf")
+        for at, totals in samples:
+            if at - last_at < CHART_STEP or now_mono - at > HISTORY:
+                continue
+            while samples[first][0] < at - CHART_WINDOW:
+                first += 1
+            start, base = samples[first]
+            if at - start < CHART_STEP:
+                continue
+            last_at = at
+            wall = round(now_wall - (now_mono - at), 3)
+            for key, total in totals.items():
+                recent = total.minus(base.get(key, empty))
+                model, _, version = key.partition("/")
+                point = series.setdefault(model, {}).setdefault(version, [])
+                point.append(
+                    {
+                        "t": wall,
+                        "rps": round(recent.requests / (at - start), 3),
+                        "error_rate": round(recent.failures / recent.requests, 6) if recent.requests else 0.0,
+                        **{
+                            q: _ms(recent.quantile(p))
+                            for q, p in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
+                        },
+                    }
+                )
+        return {"window_seconds": CHART_WINDOW, "models": series}
 
     def versions_view(self) -> dict[str, Any]:
         seconds, window = self.window()

@@ -69,6 +69,16 @@ _READY = {
 }
 
 _SCHEMAS: dict[str, Any] = {
+    "History": {
+        "type": "object",
+        "properties": {
+            "window_seconds": {"type": "number", "description": "What each point covers"},
+            "models": {
+                "type": "object",
+                "description": "model -> version -> [{t (Unix time), rps, error_rate, p50, p95, p99 (ms)}]",
+            },
+        },
+    },
     "WhoAmI": {
         "type": "object",
         "properties": {
@@ -323,6 +333,12 @@ OPENAPI: dict[str, Any] = {
     "paths": {
         "/api/routes": _read("getRoutes", "Routing table, revision, overrides", "RoutesView", "The table"),
         "/api/versions": _read("getVersions", "Versions with live stats", "VersionsView", "Per version"),
+        "/api/history": _read(
+            "getHistory",
+            "Per version, points over the last 5 minutes (rps, error rate, p50/p95/p99 over 10 s each)",
+            "History",
+            "Per model and version, oldest first",
+        ),
         "/api/reloads": _read("getReloads", "Reload history with errors", "ReloadsView", "Newest first"),
         "/api/backends": _read("getBackends", "Backend and version health", "BackendsView", "Per worker"),
         "/api/rollouts": _read(

@@ -5,7 +5,7 @@ export const COLORS = ["#2b6cb0", "#dd6b20", "#38a169", "#805ad5", "#d53f8c", "#
 function niceMax(value) {
   if (!(value > 0)) return 1;
   const power = 10 ** Math.floor(Math.log10(value));
-  for (const step of [1, 2, 2.5, 5, 10]) if (step * power >= value) return step * power;
+  for (const step of [1, 2, 5, 10]) if (step * power >= value) return step * power;
   return 10 * power;
 }
 
@@ -29,10 +29,10 @@ export function drawChart(canvas, title, series, { windowSeconds = 300, format =
   g.strokeStyle = "#e2e8f0";
   g.fillStyle = "#718096";
   g.lineWidth = 1;
-  for (let i = 0; i <= 4; i++) {
-    const y = top + plotH - (plotH * i) / 4;
+  for (let i = 0; i <= 5; i++) { // five divisions of 1, 2, 5 or 10 times a power of ten: round labels
+    const y = top + plotH - (plotH * i) / 5;
     g.beginPath(); g.moveTo(left, y); g.lineTo(left + plotW, y); g.stroke();
-    g.fillText(format((max * i) / 4), 2, y + 4);
+    g.fillText(format((max * i) / 5), 2, y + 4);
   }
   const minutes = windowSeconds / 60;
   for (let m = 0; m <= minutes; m++) {

@@ -9,14 +9,13 @@ import { el, fmt, confirmThen } from "./dom.js";
 import { renderRollout, renderTimeline, renderLineage, renderShadow } from "./sections.js";
 
 const POLL_MS = 1000;
-const HISTORY_SECONDS = 300;
+const HISTORY_SECONDS = 300; // what the admin API keeps for charts (/api/history)
 const REGISTRY_EVERY_S = 10;
 const CHOICES = ["split", "sticky", "pinned", "shadow"];
 
 const state = {
   role: null,
   canAct: false,
-  history: new Map(), // "model/version" -> [{t, rps, error_rate, p50, p95, p99}]
   choices: new Map(), // "model/version" -> [{t, counts: {split, ...}}] for rates by how a version was chosen
   registry: new Map(), // model -> {at, data}
   cards: new Map(), // model -> elements
@@ -68,7 +67,7 @@ async function signIn(token) {
 export async function poll() {
   clearTimeout(state.timer);
   try {
-    const [status, versions, routes, rollouts, store, audit, reloads, shadow] = await Promise.all([
+    const [status, versions, routes, rollouts, store, audit, reloads, shadow, history] = await Promise.all([
       api("GET", "/api/status"),
       api("GET", "/api/versions"),
       api("GET", "/api/routes"),
@@ -77,10 +76,11 @@ export async function poll() {
       api("GET", "/api/audit?limit=60"),
       api("GET", "/api/reloads"),
       api("GET", "/api/shadow"),
+      api("GET", "/api/history"),
     ]);
     const now = Date.now() / 1000;
     remember(now, status, versions);
-    render(now, { status, versions, routes, rollouts, store, audit, reloads, shadow });
+    render(now, { status, versions, routes, rollouts, store, audit, reloads, shadow, history });
     $("banner").hidden = !rollouts.error;
     $("banner").textContent = rollouts.error ? `Rollout state unavailable: ${rollouts.error}` : "";
     $("updated").textContent = `updated ${fmt.time(now)}`;
@@ -96,10 +96,6 @@ function remember(now, status, versions) {
   for (const [model, entry] of Object.entries(status.models)) {
     for (const [version, v] of Object.entries(entry.versions)) {
       const key = `${model}/${version}`;
-      const points = state.history.get(key) || [];
-      points.push({ t: now, rps: v.rps, error_rate: v.error_rate, ...v.latency_ms });
-      while (points.length && now - points[0].t > HISTORY_SECONDS) points.shift();
-      state.history.set(key, points);
       const total = versions.models[model]?.[version]?.total;
       if (!total) continue;
       const counts = Object.fromEntries(CHOICES.map((c) => [c, total.by_choice[c].requests]));
@@ -211,7 +207,7 @@ function renderModel(now, name, data) {
       cell("requests_total", total?.requests, total ? String(total.requests) : "–"),
       cell("ready", v.ready, v.ready == null ? "not checked" : v.ready ? "ready" : `no: ${v.not_ready_reason}`, false));
   }));
-  renderCharts(now, c, name, versions);
+  renderCharts(now, c, versions, data.history.models[name] || {}, data.history.window_seconds);
   renderRollout(c.rollout, name, rollout, state.canAct);
   renderTimeline(c.timeline, rollout);
   renderShadow(c.shadow, route, data.shadow.pairs.filter((p) => p.model === name));
@@ -225,10 +221,10 @@ function renderModel(now, name, data) {
   renderOverride(c, name, versions, entry);
 }
 
-function renderCharts(now, c, name, versions) {
+function renderCharts(now, c, versions, history, windowSeconds) {
   const series = (field, extra = {}) => versions.map((version, i) => ({
     label: version, color: COLORS[i % COLORS.length], ...extra,
-    points: (state.history.get(`${name}/${version}`) || []).map((p) => [p.t, p[field]]),
+    points: (history[version] || []).map((p) => [p.t, p[field]]),
   }));
   const options = { windowSeconds: HISTORY_SECONDS, now };
   drawChart(c.canvases[0], "requests/s", series("rps"), { ...options, format: (x) => String(+x.toFixed(1)) });
@@ -236,7 +232,8 @@ function renderCharts(now, c, name, versions) {
   drawChart(c.canvases[2], "latency p50 · p95 (dashed) · p99 (dotted), ms",
     [...series("p50"), ...series("p95", { dash: [6, 3] }), ...series("p99", { dash: [2, 3] })],
     { ...options, format: (x) => String(+x.toFixed(1)) });
-  c.legend.replaceChildren(...versions.map((v, i) => el("span", { style: { color: COLORS[i % COLORS.length] }, text: `■ ${v}` })));
+  c.legend.replaceChildren(...versions.map((v, i) => el("span", { style: { color: COLORS[i % COLORS.length] }, text: `■ ${v}` })),
+    el("span", { class: "muted", text: `each point covers ${windowSeconds} s` }));
 }
 
 function renderOverride(c, name, versions, entry) {
