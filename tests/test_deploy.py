@@ -47,6 +47,13 @@ def test_promtool_accepts_the_alert_rules() -> None:
     assert "SUCCESS: 7 rules found" in result.stdout
 
 
+def test_each_alert_fires_on_what_should_trigger_it() -> None:
+    tests = RULES.with_name("alerts_test.yml")
+    result = subprocess.run(["promtool", "test", "rules", str(tests)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
 def named_metrics() -> set[str]:
     rules = yaml.safe_load(RULES.read_text())
     exprs = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
