@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import shutil
 import sys
 import threading
 import time
@@ -96,7 +97,8 @@ class Screenshots:
         from playwright.sync_api import sync_playwright  # only for --screenshots
 
         self._playwright = sync_playwright().start()
-        browser = self._playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        chromium = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's, as the tests use
+        browser = self._playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         self.page = browser.new_page(viewport={"width": 1500, "height": 1000})
         self.page.goto(f"{self.url}/#token={self.token}")
         self.page.wait_for_selector(f'[data-model="{MODEL}"] [data-field="phase"]')
