@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-LINTED := gateway backends tests load_tests scripts
+LINTED := gateway backends tests load_tests scripts deploy
 
-.PHONY: install run test lint typecheck unit bench clean
+.PHONY: install run demo test lint typecheck unit tools bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) scripts/run_local.py --routes routes.yaml
 
+# With `make run` serving in another terminal: steady traffic, then the canary fails and is rolled back.
+demo: $(STAMP)
+	$(PY) scripts/demo.py --routes routes.yaml
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
@@ -25,7 +29,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-unit: $(STAMP)
+# Debian packages the tests drive: chromium (the dashboard, through Playwright) and promtool (alert rules).
+tools:
+	@command -v chromium >/dev/null && command -v promtool >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium prometheus >/dev/null; }
+
+unit: $(STAMP) tools
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 test: lint typecheck unit

@@ -37,6 +37,7 @@ from types import TracebackType
 from backends.local import free_port, port_is_free
 
 STOP_GRACE_S = 10.0
+KNOBS_ENV = "FRAUD_DETECTOR_KNOBS"  # read by backends/python_repository/fraud_detector/*/model.py
 EXIT_TIMEOUT_S = 3  # Triton's own wait for in-flight requests and unloads when told to stop
 _running: set[RepositoryServer] = set()
 
@@ -73,6 +74,7 @@ class RepositoryServer:
         grpc_port: int | None = None,
         repository: str | os.PathLike[str] | None = None,
         log_path: str | os.PathLike[str] | None = None,
+        knobs_file: str | os.PathLike[str] | None = None,
     ) -> None:
         for port in (http_port, grpc_port):
             if port is not None and not port_is_free(port):
@@ -85,6 +87,9 @@ class RepositoryServer:
         self.log_path = Path(log_path) if log_path else self._workdir / "triton.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._shm_prefix = f"gw{os.getpid()}p{http_port}_"
+        # The example models' fault knobs (backends/knobs.py): their model.py reads this file's path from
+        # KNOBS_ENV, so `make demo` can make the canary fail while it serves.
+        self.knobs_file = Path(knobs_file) if knobs_file is not None else None
         self._proc = self._spawn()
         _running.add(self)
 
@@ -129,6 +134,9 @@ class RepositoryServer:
             "--log-verbose=0",
         ]
         env = dict(os.environ)
+        env.pop(KNOBS_ENV, None)
+        if self.knobs_file is not None:
+            env[KNOBS_ENV] = str(self.knobs_file.resolve())
         libdir = sysconfig.get_config_var("LIBDIR") or ""
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (libdir, str(libs), env.get("LD_LIBRARY_PATH")) if p
@@ -214,10 +222,13 @@ def start_repository_server(
     grpc_port: int | None = None,
     repository: str | os.PathLike[str] | None = None,
     log_path: str | os.PathLike[str] | None = None,
+    knobs_file: str | os.PathLike[str] | None = None,
     timeout: float = 60.0,
 ) -> RepositoryServer:
     """Start tritonserver (explicit model control, no model loaded) and wait until it is live."""
-    server = RepositoryServer(http_port, grpc_port=grpc_port, repository=repository, log_path=log_path)
+    server = RepositoryServer(
+        http_port, grpc_port=grpc_port, repository=repository, log_path=log_path, knobs_file=knobs_file
+    )
     server.wait_live(timeout)
     return server
 

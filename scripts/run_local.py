@@ -9,6 +9,7 @@ backend, which loads the version through Triton's repository API, warms it up an
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.example_archives import EXAMPLES, archive_path, create_command
+from backends.knobs import Knobs, write_knobs
 from backends.repository_server import RepositoryServer, start_repository_server
 from backends.up import load_routes, local_backends
 
@@ -35,6 +37,18 @@ def wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float =
         except OSError:
             time.sleep(0.1)
     return False
+
+
+def dashboard_url(admin: str, state_dir: Path) -> str:
+    """The dashboard with the generated token in the fragment: a browser never sends a fragment to the
+    server, and the page moves it into the tab's sessionStorage and out of the address bar."""
+    if os.environ.get("GATEWAY_ADMIN_TOKEN", "").strip():
+        return f"{admin}/  (sign in with a token from $GATEWAY_ADMIN_TOKEN)"
+    try:
+        token = (state_dir / "admin-token").read_text().strip()
+    except OSError:
+        return f"{admin}/"
+    return f"{admin}/#token={token}"
 
 
 def gateway_command(*args: str) -> list[str]:
@@ -110,8 +124,13 @@ def main() -> int:
         signal.signal(signum, lambda *_: stop.set())
     gateway: subprocess.Popen[bytes] | None = None
     try:
+        knobs_dir = log_dir / "knobs"  # `make demo` turns a backend's fault knobs here
+        knobs_dir.mkdir(exist_ok=True)
         for backend in backends:
-            servers.append(start_repository_server(backend.port, log_path=log_dir / f"{backend.name}.log"))
+            knobs = knobs_dir / f"{backend.name}.json"
+            write_knobs(knobs, Knobs())  # every run starts healthy, whatever a demo left behind
+            log_path = log_dir / f"{backend.name}.log"
+            servers.append(start_repository_server(backend.port, log_path=log_path, knobs_file=knobs))
         serve = ["serve", "--config", args.routes, "--port", str(args.port)]
         serve += ["--admin-port", str(args.admin_port), "--state-dir", str(state_dir)]
         gateway = subprocess.Popen(
@@ -130,6 +149,8 @@ def main() -> int:
         print(f"\ngateway: http://127.0.0.1:{args.port}  (e.g. POST /v2/models/fraud-detector/infer)")
         print(f"admin:   {admin}/api/status  (metrics: /metrics, API: /openapi.json)")
         print(f"         token: $GATEWAY_ADMIN_TOKEN, or the file {state_dir / 'admin-token'}")
+        print(f"dashboard: {dashboard_url(admin, state_dir)}")
+        print("           (`make demo` in another terminal sends traffic, then makes the canary fail)")
         connect = f"--admin {admin} --state-dir {state_dir}"
         print(f"         try: .venv/bin/gateway versions list fraud-detector {connect}")
         print("press Ctrl-C to stop\n", flush=True)

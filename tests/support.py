@@ -45,6 +45,7 @@ class GatewayProcess:
     port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
     admin_token: str = "test-admin-token"
+    more_tokens: str = ""  # further GATEWAY_ADMIN_TOKEN entries, e.g. "viewer:viewer-secret:read"
     process: subprocess.Popen[bytes] | None = None
     directory: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="gateway-test-")))
 
@@ -70,7 +71,8 @@ class GatewayProcess:
         argv += ["--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)]
         argv += ["--admin-port", str(self.admin_port), "--state-dir", str(self.directory / "state")]
         argv += self.extra_args
-        env = {**os.environ, "GATEWAY_ADMIN_TOKEN": f"tester:{self.admin_token}"}
+        tokens = ",".join(t for t in (f"tester:{self.admin_token}", self.more_tokens) if t)
+        env = {**os.environ, "GATEWAY_ADMIN_TOKEN": tokens}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         try:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from gateway.routing import units
+from gateway.routing import config, units
 from gateway.routing.config import ConfigError, ConfigIssue, load_table, parse_table
 from gateway.routing.table import Limit, Mirror, Rollout, RouteTable, ServerSettings
 
@@ -496,9 +496,12 @@ def test_example_routes_yaml_loads(monkeypatch: pytest.MonkeyPatch) -> None:
         "triton-b": ("127.0.0.1", 8020, 10.0),
     }
     model = table.models["fraud-detector"]
-    assert model.split == (("2.1.3", 90), ("2.2.0", 10))
+    assert model.split == (("2.1.3", 100), ("2.2.0", 0))  # where the rollout starts
     assert dict(model.aliases) == {"stable": "2.1.3", "candidate": "2.2.0"}
     assert model.sticky_header == "x-user-id"
+    assert model.mirror == Mirror(to="2.2.0", percent=20.0)
+    assert model.rollout is not None
+    assert (model.rollout.baseline, model.rollout.canary) == ("2.1.3", "2.2.0")
     stable = model.resolve("stable")
     assert stable is not None
     assert (stable.backend, stable.triton_model, stable.triton_version) == ("triton-a", "fraud_detector", "3")
@@ -603,8 +606,9 @@ def test_the_defaults_the_reference_states_are_the_ones_a_file_gets() -> None:
     for key, (read, value) in expected.items():
         assert read(stated[key]) == pytest.approx(value), key
     assert stated["rollout.on_max_step_duration"] == rollout.on_max_step_duration
-    # `server.*` defaults are "as shown" in the example at the top.
-    assert stated["server.*"] == "as shown"
+    for key, read_server in config.SERVER_SETTINGS.items():
+        assert read_server(stated[f"server.{key}"]) == getattr(ServerSettings(), key), key
+    # The example at the top shows the same defaults.
     shown = re.search(r"^server: \{[^}]*\}", text, re.MULTILINE)
     assert shown is not None
     assert parse(BASE + shown[0] + "\n").server == ServerSettings() == parse(BASE).server

@@ -35,6 +35,7 @@ from gateway.rollout.records import (
 from gateway.rollout.sequential import ODDS_GRID, SHARE_FACTORS, Counts, Restarting
 from gateway.rollout.statistics import TestStats as SequentialTests  # not a pytest class
 from gateway.routing import config
+from gateway.shadow.compare import Comparison, PairStats
 from gateway.state import files as snapshots
 from gateway.state.records import ReloadEvent, WorkerSnapshot
 from gateway.stats.accounting import Ledger, Reading
@@ -122,7 +123,7 @@ def snapshot_json(pid: int, *, at: float | None = None) -> dict[str, Any]:
         },
         "splits": {FD: {"2.1.3": 100, "2.2.0": 0}},
         "stats": {"versions": {KEY: counters.to_json()}, "unrouted": [0, 0, 0, 3, 0]},
-        "mirrors": {"in_flight": 0, "skipped": 4},
+        "mirrors": {"in_flight": 0, "skipped": 4, "comparisons": {f"{FD}/2.1.3/2.2.0": comparison_json()}},
         "connections": 2,
         "admission": {
             "store_url": "memory://",
@@ -144,6 +145,14 @@ def snapshot_json(pid: int, *, at: float | None = None) -> dict[str, Any]:
             "allowed": {},
         },
     }
+
+
+def comparison_json() -> dict[str, Any]:
+    stats = PairStats()
+    stats.add(Comparison(False, None, 1.5), 2.0)
+    stats.add(Comparison(True, True, 0.0), -0.5)
+    stats.not_compared["busy"] = 3
+    return stats.to_json()
 
 
 def through_json(data: Any) -> Any:

@@ -1,8 +1,10 @@
 """The admin port: an aiohttp application over `gateway.admin.control_plane.ControlPlane`.
 
 Every route, `/metrics` and `/openapi.json` included, needs a bearer token: the admin port can change
-where production traffic goes, and even its read side names backends and versions. Tokens map to names,
-and the name (never the secret) is who an action is recorded as in the audit log.
+where production traffic goes, and even its read side names backends and versions. Only the dashboard's
+static files are served without one (they hold no data). Tokens map to names and roles (read or
+operate, `gateway.admin.auth`), and the name (never the secret) is who an action is recorded as in the
+audit log.
 
 The control plane's methods read small files and return at once, so handlers call them directly on
 the event loop; only a reload waits, and it waits with asyncio.
@@ -15,17 +17,19 @@ import contextlib
 import functools
 import json
 import logging
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.admin import metrics
-from gateway.admin.auth import WHO, TokenCheck, auth_middleware
+from gateway.admin import dashboard, metrics
+from gateway.admin.auth import ROLE, WHO, AdminToken, TokenCheck, auth_middleware
 from gateway.admin.control_plane import ControlPlane, OverrideError
 from gateway.admin.keys import add_key_routes
 from gateway.admin.openapi import OPENAPI
 from gateway.admin.rollouts import add_rollout_routes
+from gateway.admin.shadow import add_shadow_routes
 from gateway.admin.versions import add_version_routes
 from gateway.store.base import Store
 
@@ -85,6 +89,9 @@ class AdminAPI:
 
     async def reloads(self, request: web.Request) -> web.Response:
         return _json(self.plane.reloads_view())
+
+    async def history(self, request: web.Request) -> web.Response:
+        return _json(self.plane.history_view())
 
     async def backends(self, request: web.Request) -> web.Response:
         return _json(self.plane.backends_view())
@@ -164,6 +171,11 @@ class AdminAPI:
     async def openapi(self, request: web.Request) -> web.Response:
         return _json(OPENAPI)
 
+    async def whoami(self, request: web.Request) -> web.Response:
+        """Who the token is and what it may do: the dashboard shows actions only to those who can act."""
+        role = request[ROLE]
+        return _json({"name": request[WHO], "role": role, "can_act": role == "operate"})
+
 
 def status_view(plane: ControlPlane) -> dict[str, Any]:
     """Routes and versions joined per version, the shape `gateway status` prints."""
@@ -226,14 +238,19 @@ async def _sample_forever(plane: ControlPlane) -> None:
         await asyncio.sleep(SAMPLE_EVERY)
 
 
-def build_admin_app(plane: ControlPlane, tokens: dict[str, str], store: Store) -> web.Application:
-    """The admin application; `tokens` maps each token's secret to its name (who acts with it)."""
+def build_admin_app(
+    plane: ControlPlane, tokens: Iterable[AdminToken] | Mapping[str, str], store: Store
+) -> web.Application:
+    """The admin application; `tokens` are AdminTokens, or a mapping of secret -> name (operate tokens)."""
+    if isinstance(tokens, Mapping):
+        tokens = [AdminToken(name, secret) for secret, name in tokens.items()]
     app = web.Application(middlewares=[_errors_middleware, auth_middleware(TokenCheck(tokens))])
     api = AdminAPI(plane)
     router = app.router
     for path, handler in (
         ("/api/routes", api.routes),
         ("/api/versions", api.versions),
+        ("/api/history", api.history),
         ("/api/reloads", api.reloads),
         ("/api/backends", api.backends),
         ("/api/store", api.store),
@@ -241,6 +258,7 @@ def build_admin_app(plane: ControlPlane, tokens: dict[str, str], store: Store) -
         ("/api/status", api.status),
         ("/metrics", api.metrics),
         ("/openapi.json", api.openapi),
+        ("/api/whoami", api.whoami),
     ):
         router.add_get(path, handler, allow_head=False)
     router.add_post("/api/reload", api.reload)
@@ -249,6 +267,8 @@ def build_admin_app(plane: ControlPlane, tokens: dict[str, str], store: Store) -
     add_key_routes(app, store, plane.audit_log)
     add_rollout_routes(app, plane, store)
     add_version_routes(app, plane, store)
+    add_shadow_routes(app, plane)
+    dashboard.add_dashboard_routes(app)
 
     async def start_sampling(app: web.Application) -> None:
         app[_SAMPLER] = asyncio.create_task(_sample_forever(plane), name="admin-sampler")

@@ -19,6 +19,7 @@ from typing import Any
 
 from gateway.routing import config
 from gateway.routing.table import RouteTable, model_digest
+from gateway.shadow.compare import merge_all
 from gateway.state import files as snapshots
 from gateway.state.files import Override
 from gateway.state.records import ReloadEvent, WorkerSnapshot
@@ -27,6 +28,9 @@ from gateway.stats.kinds import CHOICES
 from gateway.stats.records import VersionStats
 
 WINDOW = 60.0  # seconds of live statistics
+HISTORY = 300.0  # seconds of samples kept for the dashboard's charts
+CHART_WINDOW = 10.0  # seconds each chart point covers: short enough to show a canary start failing
+CHART_STEP = 2.0  # seconds between chart points
 ReloadTrigger = Callable[[], Awaitable[None]]
 
 
@@ -94,7 +98,7 @@ class ControlPlane:
         """Remember the merged totals now; call about once a second for live windows."""
         now = time.monotonic()
         self._history.append((now, self.merged_totals()))
-        while self._history and now - self._history[0][0] > WINDOW + 5:
+        while self._history and now - self._history[0][0] > HISTORY + CHART_WINDOW:
             self._history.popleft()
 
     def window(self) -> tuple[float, dict[str, Totals]]:
@@ -109,6 +113,41 @@ class ControlPlane:
                 break
         empty = Totals.merge([])
         return now - start, {key: totals.minus(earliest.get(key, empty)) for key, totals in latest.items()}
+
+    def history_view(self) -> dict[str, Any]:
+        """Per version, points every CHART_STEP over the last HISTORY seconds, each over CHART_WINDOW:
+        what the dashboard's charts draw, so a page opened now shows the last minutes at once."""
+        samples = list(self._history)
+        now_mono, now_wall = time.monotonic(), time.time()
+        empty = Totals.merge([])
+        series: dict[str, dict[str, list[Any]]] = {}
+        first, last_at = 0, -float("inf")
+        for at, totals in samples:
+            if at - last_at < CHART_STEP or now_mono - at > HISTORY:
+                continue
+            while samples[first][0] < at - CHART_WINDOW:
+                first += 1
+            start, base = samples[first]
+            if at - start < CHART_STEP:
+                continue
+            last_at = at
+            wall = round(now_wall - (now_mono - at), 3)
+            for key, total in totals.items():
+                recent = total.minus(base.get(key, empty))
+                model, _, version = key.partition("/")
+                point = series.setdefault(model, {}).setdefault(version, [])
+                point.append(
+                    {
+                        "t": wall,
+                        "rps": round(recent.requests / (at - start), 3),
+                        "error_rate": round(recent.failures / recent.requests, 6) if recent.requests else 0.0,
+                        **{
+                            q: _ms(recent.quantile(p))
+                            for q, p in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
+                        },
+                    }
+                )
+        return {"window_seconds": CHART_WINDOW, "models": series}
 
     def versions_view(self) -> dict[str, Any]:
         seconds, window = self.window()
@@ -213,6 +252,15 @@ class ControlPlane:
     def store_view(self) -> dict[str, Any]:
         """Each worker's view of the store: reachable or not, and what it did while it was not."""
         return {str(w.pid): {"alive": w.alive, **w.admission.summary_json()} for w in self.workers()}
+
+    def shadow_view(self) -> dict[str, Any]:
+        """Shadow comparisons per version pair, summed over every worker that ever reported."""
+        merged = merge_all(w.mirrors.comparisons for w in self.workers())
+        pairs = [
+            {"model": model, "primary": primary, "shadow": shadow, **stats.summary()}
+            for (model, primary, shadow), stats in sorted(merged.items())
+        ]
+        return {"pairs": pairs}
 
     def restarts_view(self) -> dict[str, Any]:
         return {"total": self.worker_restarts, "recent": [asdict(r) for r in reversed(self.recent_restarts)]}

@@ -25,6 +25,7 @@ from prometheus_client.utils import floatToGoString as _float_to_go
 
 from gateway import __version__
 from gateway.admin.control_plane import ControlPlane
+from gateway.admin.shadow import shadow_metrics
 from gateway.admin.versions import schema_gate_metrics
 from gateway.rollout.records import PHASES, RolloutRecord
 from gateway.state.records import WorkerSnapshot
@@ -89,6 +90,7 @@ class SnapshotCollector:
         yield from self._admission()
         yield from self._rollouts()
         yield from schema_gate_metrics(self.workers)
+        yield from shadow_metrics(self.workers)
         yield from self._process()
 
     # -- per version -------------------------------------------------------------------------------

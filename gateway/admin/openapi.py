@@ -10,6 +10,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.admin.keys import KEYS_OPENAPI_PATHS, KEYS_OPENAPI_SCHEMAS
+from gateway.admin.shadow import SHADOW_OPENAPI_PATHS, SHADOW_OPENAPI_SCHEMAS
 from gateway.admin.versions import VERSIONS_OPENAPI_PATHS, VERSIONS_OPENAPI_SCHEMAS
 
 
@@ -24,7 +25,13 @@ def _errors(*statuses: str) -> dict[str, Any]:
     return {status: {"$ref": f"#/components/responses/{_ERROR_NAMES[status]}"} for status in statuses}
 
 
-_ERROR_NAMES = {"400": "BadRequest", "401": "Unauthorized", "404": "NotFound", "500": "InternalError"}
+_ERROR_NAMES = {
+    "400": "BadRequest",
+    "401": "Unauthorized",
+    "403": "Forbidden",
+    "404": "NotFound",
+    "500": "InternalError",
+}
 
 
 def _read(operation_id: str, summary: str, schema: str, description: str) -> dict[str, Any]:
@@ -33,6 +40,18 @@ def _read(operation_id: str, summary: str, schema: str, description: str) -> dic
             "operationId": operation_id,
             "summary": summary,
             "responses": {"200": _json(schema, description), **_errors("401", "500")},
+        }
+    }
+
+
+def _page(operation_id: str, summary: str) -> dict[str, Any]:
+    """A dashboard file: public (it holds no data), so no security requirement and no 401."""
+    return {
+        "get": {
+            "operationId": operation_id,
+            "summary": summary,
+            "security": [],
+            "responses": {"200": {"description": "The file"}, **_errors("404")},
         }
     }
 
@@ -50,6 +69,24 @@ _READY = {
 }
 
 _SCHEMAS: dict[str, Any] = {
+    "History": {
+        "type": "object",
+        "properties": {
+            "window_seconds": {"type": "number", "description": "What each point covers"},
+            "models": {
+                "type": "object",
+                "description": "model -> version -> [{t (Unix time), rps, error_rate, p50, p95, p99 (ms)}]",
+            },
+        },
+    },
+    "WhoAmI": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "description": "The token's name, as the audit log records it"},
+            "role": {"enum": ["read", "operate"]},
+            "can_act": {"type": "boolean", "description": "Whether actions (any method but GET) are allowed"},
+        },
+    },
     "Error": {
         "type": "object",
         "required": ["error"],
@@ -288,12 +325,20 @@ OPENAPI: dict[str, Any] = {
         "version": __version__,
         "description": "Read and steer a running gateway. Every route needs `Authorization: Bearer <token>` "
         "(GATEWAY_ADMIN_TOKEN, or the generated `<state dir>/admin-token`); every action is audited "
-        "under the token's name.",
+        "under the token's name. A token with the `read` role may call every GET and is refused every "
+        "other method with 403; `operate` (the default) may call all. The dashboard's static files "
+        "(`/`, `/static/{name}`) need no token.",
     },
     "security": [{"bearerAuth": []}],
     "paths": {
         "/api/routes": _read("getRoutes", "Routing table, revision, overrides", "RoutesView", "The table"),
         "/api/versions": _read("getVersions", "Versions with live stats", "VersionsView", "Per version"),
+        "/api/history": _read(
+            "getHistory",
+            "Per version, points over the last 5 minutes (rps, error rate, p50/p95/p99 over 10 s each)",
+            "History",
+            "Per model and version, oldest first",
+        ),
         "/api/reloads": _read("getReloads", "Reload history with errors", "ReloadsView", "Newest first"),
         "/api/backends": _read("getBackends", "Backend and version health", "BackendsView", "Per worker"),
         "/api/rollouts": _read(
@@ -407,8 +452,16 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/api/whoami": _read("whoami", "The calling token's name and role", "WhoAmI", "Name and role"),
+        "/": _page("dashboard", "The dashboard page"),
+        "/index.html": _page("dashboardIndex", "The dashboard page (same as /)"),
+        "/static/{name}": {
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            **_page("dashboardAsset", "A script or style sheet of the dashboard"),
+        },
         **KEYS_OPENAPI_PATHS,
         **VERSIONS_OPENAPI_PATHS,
+        **SHADOW_OPENAPI_PATHS,
     },
     "components": {
         "securitySchemes": {
@@ -421,8 +474,15 @@ OPENAPI: dict[str, Any] = {
                 "headers": {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}},
             },
             "NotFound": _json("Error", "Nothing there"),
+            "Forbidden": _json("Error", "A read token asked for an action; it needs the operate role"),
             "InternalError": _json("Error", "The gateway failed; the details are in its log"),
         },
-        "schemas": {**_SCHEMAS, **KEYS_OPENAPI_SCHEMAS, **VERSIONS_OPENAPI_SCHEMAS},
+        "schemas": {**_SCHEMAS, **KEYS_OPENAPI_SCHEMAS, **VERSIONS_OPENAPI_SCHEMAS, **SHADOW_OPENAPI_SCHEMAS},
     },
 }
+
+# Every action answers 403 to a read token (gateway.admin.auth): said once here, not in each operation.
+for _item in OPENAPI["paths"].values():
+    for _method, _operation in _item.items():
+        if _method in ("put", "post", "patch", "delete"):
+            _operation["responses"].update(_errors("403"))

@@ -24,6 +24,7 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.admin.app import build_admin_app
+from gateway.admin.auth import AdminToken, TokenError, parse_tokens
 from gateway.admin.control_plane import ControlPlane, WorkerRestart
 from gateway.app.worker import Worker, WorkerOptions
 from gateway.routing.table import RouteTable
@@ -80,22 +81,19 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def admin_tokens(state_dir: Path, host: str) -> dict[str, str]:
-    """Secret -> name, from GATEWAY_ADMIN_TOKEN ("secret" or "name:secret,name:secret").
+def admin_tokens(state_dir: Path, host: str) -> tuple[AdminToken, ...]:
+    """The admin tokens, from GATEWAY_ADMIN_TOKEN (`secret`, `name:secret` or `name:secret:role`, comma
+    separated; see `gateway.admin.auth.parse_tokens`).
 
-    Without one the admin port stays on loopback only, with a random token written to the state
+    Without one the admin port stays on loopback only, with a random operate token written to the state
     directory (mode 0600) for the CLI to read.
     """
     configured = os.environ.get("GATEWAY_ADMIN_TOKEN", "").strip()
     if configured:
-        tokens = {}
-        for item in configured.split(","):
-            name, sep, secret = item.strip().rpartition(":")
-            secret = secret if sep else item.strip()
-            if len(secret) < 8:
-                raise AdminRefused("GATEWAY_ADMIN_TOKEN holds a token shorter than 8 characters")
-            tokens[secret] = name if sep and name else "admin"
-        return tokens
+        try:
+            return parse_tokens(configured)
+        except TokenError as exc:
+            raise AdminRefused(str(exc)) from None
     if not is_loopback(host):
         raise AdminRefused(
             f"refusing to serve the admin port on {host} without GATEWAY_ADMIN_TOKEN; "
@@ -109,7 +107,7 @@ def admin_tokens(state_dir: Path, host: str) -> dict[str, str]:
     with os.fdopen(fd, "w") as handle:
         handle.write(secret + "\n")
     log.info("admin token written to %s (set GATEWAY_ADMIN_TOKEN to choose one)", path)
-    return {secret: "local-admin"}
+    return (AdminToken("local-admin", secret),)
 
 
 async def start_admin(plane: ControlPlane, options: ServeOptions, store: Store) -> web.AppRunner | None:

@@ -289,7 +289,7 @@ class Worker:
             ),
             splits={name: dict(snapshot.split_of(name)) for name in snapshot.table.models},
             stats=self.stats.snapshot(),
-            mirrors=records.Mirrors(mirrors.in_flight, mirrors.skipped),
+            mirrors=records.Mirrors(mirrors.in_flight, mirrors.skipped, mirrors.comparer.figures()),
             connections=len(self.connections),
             admission=records.AdmissionView(
                 store_url=redacted(self.store.url),

@@ -17,6 +17,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from gateway.admin.auth import TokenError, parse_tokens
+
 DEFAULT_ADMIN = "http://127.0.0.1:8081"
 TOKEN_FILE = "admin-token"  # the same name as gateway.state.files.ADMIN_TOKEN
 
@@ -61,10 +63,12 @@ def resolve_token(args: argparse.Namespace) -> str:
         return str(args.token)
     configured = os.environ.get("GATEWAY_ADMIN_TOKEN", "").strip()
     if configured:
-        # The gateway reads "secret" or "name:secret,name:secret"; any one of them will do.
-        first = configured.split(",")[0].strip()
-        _, sep, secret = first.rpartition(":")
-        return secret if sep else first
+        # The gateway's own reading of the variable; an operate token if there is one, for actions.
+        try:
+            tokens = parse_tokens(configured)
+        except TokenError as exc:
+            raise AdminError(str(exc)) from None
+        return next((t for t in tokens if t.role == "operate"), tokens[0]).secret
     if args.state_dir:
         path = Path(args.state_dir) / TOKEN_FILE
         try:

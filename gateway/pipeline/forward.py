@@ -20,6 +20,7 @@ from gateway.pipeline import steps
 from gateway.pipeline.blame import CLASSIFIED_STATUSES, MAX_CLASSIFIED_BODY, caller_fault
 from gateway.pipeline.http_answer import send_error
 from gateway.pipeline.snapshot import VersionRoute
+from gateway.shadow.comparer import PRIMARY, SHADOW, Comparer, Pair
 from gateway.stats.counters import Choice, Outcome, outcome_of
 from gateway.wire.headers import HOP_BY_HOP, Headers, connection_options
 from gateway.wire.http_server import ClientConnection, Request
@@ -73,16 +74,30 @@ def upstream_request(
     return [b"".join(head), *request.body]
 
 
-class Mirrors:
-    """Shadow copies in flight and skipped, for this process."""
+def header_length(headers: Headers) -> int | None:
+    """The binary tensor extension's JSON head length, for comparing answers (gateway/shadow)."""
+    for name, value in headers:
+        if name == b"inference-header-content-length":
+            return int(value) if value.strip().isdigit() else -1
+    return None
 
-    __slots__ = ("in_flight", "skipped")
+
+class Mirrors:
+    """Shadow copies in flight and skipped, for this process, and the comparer of their answers."""
+
+    __slots__ = ("comparer", "in_flight", "skipped")
 
     def __init__(self) -> None:
         self.in_flight = 0
         self.skipped = 0
+        self.comparer = Comparer()
 
-    def send(self, request: Request, route: VersionRoute, request_id: bytes) -> None:
+    def pair(self, primary: VersionRoute, shadow: VersionRoute) -> Pair | None:
+        return self.comparer.pair(primary.model, primary.version.id, shadow.version.id)
+
+    def send(
+        self, request: Request, route: VersionRoute, request_id: bytes, pair: Pair | None = None
+    ) -> None:
         """Send a shadow copy; its answer is read and dropped, and it never delays the real one.
 
         Only when a connection is free: a shadow copy never waits in a pool's queue, so it never takes a
@@ -90,9 +105,11 @@ class Mirrors:
         """
         if self.in_flight >= MAX_MIRRORS_IN_FLIGHT:
             self.skipped += 1
+            if pair is not None:
+                pair.cancel()
             return
         payload = upstream_request(request, route, request_id, shadow=True)
-        shadow = ShadowExchange(self, route)
+        shadow = ShadowExchange(self, route, pair)
 
         def connected(upstream: UpstreamConnection | None, why: str) -> None:
             if upstream is None:
@@ -104,6 +121,8 @@ class Mirrors:
         if not route.pool.acquire_if_free(connected):
             self.in_flight -= 1
             self.skipped += 1
+            if pair is not None:
+                pair.cancel()
 
 
 def _held_back(status: int, content_length: int | None) -> bool:
@@ -116,10 +135,11 @@ def _held_back(status: int, content_length: int | None) -> bool:
 class ShadowExchange:
     """Receives a mirrored request's answer, counts it for its version as a shadow copy, drops it."""
 
-    __slots__ = ("_body", "_mirrors", "_route", "_started", "_status")
+    __slots__ = ("_body", "_mirrors", "_pair", "_route", "_started", "_status")
 
-    def __init__(self, mirrors: Mirrors, route: VersionRoute) -> None:
+    def __init__(self, mirrors: Mirrors, route: VersionRoute, pair: Pair | None = None) -> None:
         self._mirrors = mirrors
+        self._pair = pair
         self._route = route
         self._started = time.perf_counter()  # a free connection is taken at once: this is the send
         self._status = 0
@@ -129,20 +149,29 @@ class ShadowExchange:
         self._status = status
         if _held_back(status, content_length):
             self._body = []
+        if self._pair is not None:
+            self._pair.head(SHADOW, status, header_length(headers))
 
     def upstream_body(self, data: bytes) -> None:
         if self._body is not None:
             self._body.append(data)
+        if self._pair is not None:
+            self._pair.body(SHADOW, data)
 
     def upstream_done(self) -> None:
         self._mirrors.in_flight -= 1
         status, outcome = self._status, outcome_of(self._status)
         if self._body is not None and caller_fault(status, b"".join(self._body)) is not None:
             outcome = Outcome.CLIENT_ERROR
-        steps.record(self._route, Choice.SHADOW, status, outcome, time.perf_counter() - self._started)
+        seconds = time.perf_counter() - self._started
+        steps.record(self._route, Choice.SHADOW, status, outcome, seconds)
+        if self._pair is not None:
+            self._pair.done(SHADOW, seconds)
 
     def upstream_failed(self, failure: Failure, detail: str) -> None:
         self._mirrors.in_flight -= 1
+        if self._pair is not None:
+            self._pair.failed(SHADOW)
         timeout = failure is Failure.TIMEOUT
         outcome = Outcome.TIMEOUT if timeout else Outcome.UPSTREAM_ERROR
         seconds = time.perf_counter() - self._started
@@ -151,6 +180,8 @@ class ShadowExchange:
 
     def upstream_crashed(self, exc: BaseException) -> None:
         self._mirrors.in_flight -= 1
+        if self._pair is not None:
+            self._pair.failed(SHADOW)
         log.error("internal error relaying a shadow answer", exc_info=exc)
 
 
@@ -168,6 +199,7 @@ class ProxyExchange:
         "_choice",
         "_extra",
         "_held",
+        "_pair",
         "_paused_at",
         "_paused_for",
         "_recorded",
@@ -188,8 +220,10 @@ class ProxyExchange:
         extra_headers: Headers | None,
         report: CrashReport,
         choice: Choice = Choice.SPLIT,
+        pair: Pair | None = None,
     ):
         self._extra = extra_headers  # rate-limit headers from admission
+        self._pair = pair  # collects the answer for a shadow comparison when a copy was mirrored
         self._report = report
         self.conn = conn
         self._route = route
@@ -233,6 +267,8 @@ class ProxyExchange:
     def upstream_headers(self, status: int, headers: Headers, content_length: int | None) -> None:
         try:
             self._status = status
+            if self._pair is not None:
+                self._pair.head(PRIMARY, status, header_length(headers))
             if _held_back(status, content_length):
                 self._held = (headers, [])
             else:
@@ -242,6 +278,8 @@ class ProxyExchange:
 
     def upstream_body(self, data: bytes) -> None:
         try:
+            if self._pair is not None:
+                self._pair.body(PRIMARY, data)
             if self._held is not None:
                 self._held[1].append(data)
             else:
@@ -301,7 +339,10 @@ class ProxyExchange:
             self._route.counters.in_flight -= 1
             now = time.perf_counter()
             paused = self._paused_for + (now - self._paused_at if self._paused_at else 0.0)
-            steps.record(self._route, self._choice, status, outcome, now - self._sent - paused)
+            seconds = now - self._sent - paused
+            steps.record(self._route, self._choice, status, outcome, seconds)
+            if self._pair is not None:
+                self._pair.done(PRIMARY, seconds) if outcome is Outcome.OK else self._pair.failed(PRIMARY)
 
     def upstream_crashed(self, exc: BaseException) -> None:
         self._crash(exc)
@@ -314,6 +355,8 @@ class ProxyExchange:
         if not self._recorded:
             self._recorded = True
             self._route.counters.in_flight -= 1
+            if self._pair is not None:
+                self._pair.failed(PRIMARY)
         self._report(self.request_id, exc)
         self.conn.fail_internal()
 

@@ -106,10 +106,13 @@ class HttpFrontDoor:
         self.pipeline.plan(snapshot, target, request, planned, crashed)
 
     def _forward(self, request: Request, conn: ClientConnection, plan: Plan, request_id: bytes) -> None:
-        exchange = ProxyExchange(conn, plan.version, request_id, plan.headers, self._report, plan.choice)
+        pair = self.mirrors.pair(plan.version, plan.shadow) if plan.shadow is not None else None
+        exchange = ProxyExchange(
+            conn, plan.version, request_id, plan.headers, self._report, plan.choice, pair
+        )
         exchange.start(upstream_request(request, plan.version, request_id))
         if plan.shadow is not None:
-            self.mirrors.send(request, plan.shadow, request_id)
+            self.mirrors.send(request, plan.shadow, request_id, pair)
 
     def _refuse(self, conn: ClientConnection, refusal: Refusal) -> None:
         self.pipeline.stats.unrouted[refusal.counts_as] += 1

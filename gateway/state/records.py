@@ -14,6 +14,7 @@ from typing import Any
 
 from gateway.artifacts.gate import GateView
 from gateway.rollout.records import RolloutRecord
+from gateway.shadow.compare import PairStats
 from gateway.stats.records import StatsRecord
 from gateway.typed_json import Fields, RecordError
 
@@ -181,13 +182,18 @@ class AdmissionView:
 class Mirrors:
     in_flight: int
     skipped: int  # shadow copies not sent: too many in flight
+    # Shadow comparisons since the worker started, by "model/primary version/shadow version".
+    comparisons: Mapping[str, PairStats] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"in_flight": self.in_flight, "skipped": self.skipped}
+        compared = {key: stats.to_json() for key, stats in self.comparisons.items()}
+        return {"in_flight": self.in_flight, "skipped": self.skipped, "comparisons": compared}
 
     @classmethod
     def read(cls, f: Fields) -> Mirrors:
-        return cls(f.integer("in_flight"), f.integer("skipped"))
+        # Snapshots of an older release have no comparisons.
+        comparisons = f.mapping("comparisons", PairStats.read) if f.has("comparisons") else {}
+        return cls(f.integer("in_flight"), f.integer("skipped"), comparisons)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,1 @@
+"""Shadow comparison: a mirrored answer compared with the primary's, off the request path."""
