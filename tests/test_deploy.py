@@ -96,6 +96,7 @@ def test_the_pod_runs_a_command_the_gateway_accepts_with_a_routes_file_it_loads(
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
     args = build_parser().parse_args(container["args"])
+    assert container["command"] == ["gateway"]
     assert (args.host, args.port, args.admin_host, args.admin_port) == ("0.0.0.0", 8080, "0.0.0.0", 8081)
     # The grace period covers the preStop pause and the whole drain.
     pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
