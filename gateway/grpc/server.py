@@ -30,7 +30,10 @@ from gateway.routing.table import ServerSettings
 
 log = logging.getLogger("gateway.grpc")
 
-MAX_CONCURRENT_STREAMS = 100  # per connection, as Triton's and most HTTP/2 servers' default
+# Per connection. Not HTTP/2's usual 100: grpcio counts a stream until its asyncio handler has ended,
+# a little after the client saw its answer, so a client keeping 64 calls in flight was refused streams
+# (RST_STREAM REFUSED_STREAM) at 100. Triton sets none.
+MAX_CONCURRENT_STREAMS = 1000
 KEEPALIVE_TIME_MS = 60_000  # ping a connection idle this long
 KEEPALIVE_TIMEOUT_MS = 20_000  # and close it if the ping is not answered within this
 MIN_CLIENT_PING_INTERVAL_MS = 10_000  # clients may ping at most this often (gRPC's default is 5 min)

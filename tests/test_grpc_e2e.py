@@ -1,0 +1,377 @@
+"""The gRPC front door end to end: tritonclient.grpc against the gateway, real PyTriton versions behind it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from backends.example import INPUT_NAME, SCORE_OUTPUT, VERSION_OUTPUT, expected_outputs
+from tests.conftest import SLOW_VERSION_DELAY_MS, TritonFleet
+from tests.support import GatewayProcess, free_port
+from tests.test_limits_e2e import create_key
+
+BATCH = np.array([[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 2.0, 8.0]], dtype=np.float32)
+TRITON_VERSION = {"2.1.3": 3, "2.2.0": 4, "stable": 3, "candidate": 4}
+PUBLIC_ID = {"2.1.3": "2.1.3", "2.2.0": "2.2.0", "stable": "2.1.3", "candidate": "2.2.0"}
+MAX_MESSAGE = 1024 * 1024  # server: max_body_size in these routes
+FIRST_MESSAGE_TIMEOUT = 1.0  # server: header_timeout in these routes
+
+
+def grpc_routes(triton: TritonFleet, keys: str = "{required: false}", limit: str = "") -> str:
+    down = free_port()  # nothing listens there
+    return f"""
+backends:
+  triton-a: {{url: "{triton.v3.url}", grpc_url: "127.0.0.1:{triton.v3.grpc_port}", timeout: 10s}}
+  triton-b: {{url: "{triton.v4.url}", grpc_url: "grpc://127.0.0.1:{triton.v4.grpc_port}", timeout: 10s}}
+  triton-slow: {{url: "{triton.slow.url}", grpc_url: "127.0.0.1:{triton.slow.grpc_port}", timeout: 1s}}
+  triton-down: {{url: "http://127.0.0.1:{down}", grpc_url: "127.0.0.1:{down}", timeout: 2s}}
+  http-only: {{url: "{triton.v3.url}"}}
+  grpc-down: {{url: "{triton.v3.url}", grpc_url: "127.0.0.1:{down}"}}
+models:
+  fraud-detector:
+    versions:
+      2.1.3: {{backend: triton-a, target: fraud_detector/3}}
+      2.2.0: {{backend: triton-b, target: fraud_detector/4}}
+      2.3.0-slow: {{backend: triton-slow, target: fraud_detector/5}}
+      2.4.0-down: {{backend: triton-down, target: fraud_detector/3}}
+      2.5.0-http: {{backend: http-only, target: fraud_detector/3}}
+      2.6.0-grpc-down: {{backend: grpc-down, target: fraud_detector/3}}
+    aliases: {{stable: 2.1.3, candidate: 2.2.0}}
+    split: {{2.1.3: 90, 2.2.0: 10}}
+    sticky: header:x-user-id
+    {limit}
+keys: {keys}
+server: {{max_body_size: {MAX_MESSAGE}, header_timeout: {FIRST_MESSAGE_TIMEOUT:g}s}}
+"""
+
+
+@pytest.fixture(scope="module")
+def gw(triton: TritonFleet) -> Iterator[GatewayProcess]:
+    with GatewayProcess(grpc_routes(triton), grpc_port=free_port()) as process:
+        yield process
+
+
+def client_for(process: GatewayProcess) -> triton_grpc.InferenceServerClient:
+    return triton_grpc.InferenceServerClient(f"127.0.0.1:{process.grpc_port}")
+
+
+def inputs(batch: np.ndarray[Any, Any] = BATCH) -> list[triton_grpc.InferInput]:
+    tensor = triton_grpc.InferInput(INPUT_NAME, list(batch.shape), "FP32")
+    tensor.set_data_from_numpy(batch)
+    return [tensor]
+
+
+def assert_answered_by(result: triton_grpc.InferResult, triton_version: int) -> None:
+    expected = expected_outputs(triton_version, BATCH)
+    np.testing.assert_allclose(result.as_numpy(SCORE_OUTPUT), expected[SCORE_OUTPUT])
+    np.testing.assert_array_equal(result.as_numpy(VERSION_OUTPUT), expected[VERSION_OUTPUT])
+
+
+def status_of(call: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(InferenceServerException) as caught:
+        call()
+    return grpc.StatusCode[caught.value.status().removeprefix("StatusCode.")], caught.value.message()
+
+
+def raw_stub(process: GatewayProcess) -> tuple[grpc.Channel, service_pb2_grpc.GRPCInferenceServiceStub]:
+    channel = grpc.insecure_channel(f"127.0.0.1:{process.grpc_port}")
+    return channel, service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+def infer_request(model: str = "fraud-detector", version: str = "", batch: Any = BATCH) -> Any:
+    request = service_pb2.ModelInferRequest(model_name=model, model_version=version)
+    tensor = request.inputs.add(name=INPUT_NAME, datatype="FP32")
+    tensor.shape.extend(batch.shape)
+    request.raw_input_contents.append(np.asarray(batch, dtype=np.float32).tobytes())
+    return request
+
+
+# -- inference -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["2.1.3", "2.2.0", "stable", "candidate"])
+def test_infer_by_id_and_alias_answers_with_public_names(gw: GatewayProcess, version: str) -> None:
+    result = client_for(gw).infer("fraud-detector", inputs(), model_version=version)
+    assert_answered_by(result, TRITON_VERSION[version])
+    response = result.get_response()
+    assert (response.model_name, response.model_version) == ("fraud-detector", PUBLIC_ID[version])
+
+
+def test_metadata_pins_and_the_answer_names_its_version_and_request_id(gw: GatewayProcess) -> None:
+    channel, stub = raw_stub(gw)
+    with channel:
+        response, call = stub.ModelInfer.with_call(
+            infer_request(),
+            metadata=(("x-model-version", "candidate"), ("x-request-id", "req-42")),
+            timeout=10,
+        )
+        metadata = dict(call.initial_metadata())
+    assert (metadata["x-model-version"], metadata["x-request-id"]) == ("2.2.0", "req-42")
+    assert (response.model_name, response.model_version) == ("fraud-detector", "2.2.0")
+    version_output = [o.name for o in response.outputs].index(VERSION_OUTPUT)
+    assert np.frombuffer(response.raw_output_contents[version_output], dtype=np.int32).tolist() == [4, 4]
+
+
+def test_split_holds_within_two_points_over_2000_async_calls(gw: GatewayProcess) -> None:
+    client = client_for(gw)
+    seen: Counter[str] = Counter()
+    errors: list[Any] = []
+    window = threading.Semaphore(64)  # calls in flight at once
+    done = threading.Event()
+    total = 2000
+
+    def answered(result: triton_grpc.InferResult | None, error: Any) -> None:
+        window.release()
+        if error is not None:
+            errors.append(f"{error.status()} {error.message()}")
+        else:
+            response = result.get_response()  # type: ignore[union-attr]
+            version = np.frombuffer(response.raw_output_contents[1], dtype=np.int32)[0]
+            assert TRITON_VERSION[response.model_version] == version  # the name says who really answered
+            seen[response.model_version] += 1
+        if len(errors) + sum(seen.values()) == total:
+            done.set()
+
+    small = inputs(BATCH[:1])
+    for _ in range(total):
+        window.acquire()
+        client.async_infer("fraud-detector", small, answered)
+    assert done.wait(60)
+    assert errors == []
+    assert abs(100 * seen["2.1.3"] / total - 90) <= 2, seen
+    assert abs(100 * seen["2.2.0"] / total - 10) <= 2, seen
+
+
+def test_sticky_metadata_keeps_each_caller_on_one_version(gw: GatewayProcess) -> None:
+    client = client_for(gw)
+    chosen = set()
+    for user in range(30):
+        versions = {
+            client.infer("fraud-detector", inputs(), headers={"x-user-id": f"user-{user}"})
+            .get_response()
+            .model_version
+            for _ in range(3)
+        }
+        assert len(versions) == 1, (user, versions)
+        chosen |= versions
+    assert chosen <= {"2.1.3", "2.2.0"}
+
+
+def test_stream_routes_by_its_first_request_and_answers_each(gw: GatewayProcess) -> None:
+    client = client_for(gw)
+    answers: list[Any] = []
+    arrived = threading.Condition()
+
+    def callback(result: triton_grpc.InferResult | None, error: Any) -> None:
+        with arrived:
+            answers.append(error if error is not None else result)
+            arrived.notify_all()
+
+    client.start_stream(callback)
+    try:
+        for index in range(5):
+            client.async_stream_infer(
+                "fraud-detector", inputs(), model_version="candidate", request_id=f"r{index}"
+            )
+        with arrived:
+            assert arrived.wait_for(lambda: len(answers) == 5, 30), answers
+        for index, result in enumerate(answers):
+            assert isinstance(result, triton_grpc.InferResult), result
+            assert_answered_by(result, 4)
+            response = result.get_response()
+            assert (response.model_name, response.model_version, response.id) == (
+                "fraud-detector",
+                "2.2.0",
+                f"r{index}",
+            )
+        client.async_stream_infer("fraud-detector", inputs(), model_version="stable")  # another version
+        with arrived:
+            assert arrived.wait_for(lambda: len(answers) == 6, 30), answers
+    finally:
+        client.stop_stream()
+    error = answers[5]
+    assert isinstance(error, InferenceServerException), error
+    assert "INVALID_ARGUMENT" in str(error.status()) and "routed by its first request" in error.message()
+
+
+# -- the other RPCs --------------------------------------------------------------------------------
+
+
+def test_metadata_and_config_use_public_names(gw: GatewayProcess) -> None:
+    client = client_for(gw)
+    pinned = client.get_model_metadata("fraud-detector", "candidate")
+    assert (pinned.name, list(pinned.versions)) == ("fraud-detector", ["2.2.0"])
+    assert [i.name for i in pinned.inputs] == [INPUT_NAME]
+    whole = client.get_model_metadata("fraud-detector")
+    assert whole.name == "fraud-detector" and "2.1.3" in whole.versions and "fraud_detector" not in str(whole)
+    config = client.get_model_config("fraud-detector", "2.1.3").config
+    assert config.name == "fraud-detector" and config.max_batch_size > 0
+
+
+def test_liveness_readiness_and_health(gw: GatewayProcess) -> None:
+    client = client_for(gw)
+    assert client.is_server_live()
+    assert client.is_model_ready("fraud-detector", "stable")
+    assert not client.is_model_ready("fraud-detector", "2.4.0-down")
+    assert client.get_server_metadata().name == "model-gateway"
+    with grpc.insecure_channel(f"127.0.0.1:{gw.grpc_port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        answer = health.Check(
+            health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"), timeout=5
+        )
+    # One version's backend is down, and it takes no traffic: the model is served, the server ready.
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    assert client.is_server_ready()
+
+
+def test_repository_and_shared_memory_rpcs_are_refused(gw: GatewayProcess) -> None:
+    client = client_for(gw)
+    code, message = status_of(lambda: client.get_model_repository_index())
+    assert code is grpc.StatusCode.PERMISSION_DENIED and "admin API" in message
+    code, _ = status_of(lambda: client.unregister_system_shared_memory())
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+
+
+# -- errors as statuses ----------------------------------------------------------------------------
+
+
+def test_unknown_model_and_version_are_not_found(gw: GatewayProcess) -> None:
+    client = client_for(gw)
+    code, message = status_of(lambda: client.infer("no-such-model", inputs()))
+    assert (code, message) == (grpc.StatusCode.NOT_FOUND, "unknown model 'no-such-model'")
+    code, message = status_of(lambda: client.infer("fraud-detector", inputs(), model_version="9.9"))
+    assert code is grpc.StatusCode.NOT_FOUND and "2.1.3" in message  # it lists the versions there are
+
+
+def test_a_backend_that_is_down_is_unavailable(gw: GatewayProcess) -> None:
+    client = client_for(gw)
+    # Down for the health checks too: not ready, so refused before any call.
+    code, message = status_of(lambda: client.infer("fraud-detector", inputs(), model_version="2.4.0-down"))
+    assert code is grpc.StatusCode.UNAVAILABLE
+    assert "backend triton-down is not ready" in message and "connection refused" in message
+    # Its HTTP port answers the health checks, its gRPC port is down: the call itself fails.
+    code, message = status_of(
+        lambda: client.infer("fraud-detector", inputs(), model_version="2.6.0-grpc-down")
+    )
+    assert code is grpc.StatusCode.UNAVAILABLE
+    assert "backend grpc-down" in message and "is unavailable" in message
+
+
+def test_a_slow_backend_is_deadline_exceeded_within_the_callers_deadline(gw: GatewayProcess) -> None:
+    client = client_for(gw)
+    started = time.monotonic()
+    code, _ = status_of(
+        lambda: client.infer("fraud-detector", inputs(), model_version="2.3.0-slow", client_timeout=0.5)
+    )
+    assert code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < SLOW_VERSION_DELAY_MS / 1000  # not held until the backend answered
+    # Without a deadline of its own, the caller gets the backend's timeout (1s), and is told so.
+    code, message = status_of(lambda: client.infer("fraud-detector", inputs(), model_version="2.3.0-slow"))
+    assert code is grpc.StatusCode.DEADLINE_EXCEEDED and "backend triton-slow" in message and "1s" in message
+
+
+def test_a_version_without_grpc_url_is_unimplemented(gw: GatewayProcess) -> None:
+    code, message = status_of(
+        lambda: client_for(gw).infer("fraud-detector", inputs(), model_version="2.5.0-http")
+    )
+    assert code is grpc.StatusCode.UNIMPLEMENTED and "no grpc_url" in message and "http-only" in message
+
+
+def test_a_malformed_request_is_invalid_argument(gw: GatewayProcess) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{gw.grpc_port}") as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as caught:
+            infer(b"\x0a\xff\x01abc", timeout=5)  # model_name says 255 bytes follow; 3 do
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid ModelInferRequest" in caught.value.details()
+
+
+# -- the port's limits -----------------------------------------------------------------------------
+
+
+def test_a_message_over_the_size_limit_is_refused(gw: GatewayProcess) -> None:
+    big = np.zeros((1, MAX_MESSAGE // 4 + 16), dtype=np.float32)
+    code, _ = status_of(lambda: client_for(gw).infer("fraud-detector", inputs(big)))
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert client_for(gw).infer("fraud-detector", inputs()).get_response().model_name == "fraud-detector"
+
+
+def test_oversized_metadata_is_refused(gw: GatewayProcess) -> None:
+    code, _ = status_of(
+        lambda: client_for(gw).infer("fraud-detector", inputs(), headers={"x-junk": "j" * 20_000})
+    )
+    assert code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE)
+    assert client_for(gw).infer("fraud-detector", inputs()).get_response().model_name == "fraud-detector"
+
+
+def test_a_call_that_never_sends_its_request_is_cut_off(gw: GatewayProcess) -> None:
+    """A client that opens calls and sends nothing must not hold them (no deadline of its own)."""
+    with grpc.insecure_channel(f"127.0.0.1:{gw.grpc_port}") as channel:
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        unary = channel.stream_unary("/inference.GRPCInferenceService/ModelInfer")  # opened, nothing sent
+        never = threading.Event()
+
+        def nothing() -> Iterator[bytes]:
+            never.wait(30)
+            yield from ()
+
+        silent_unary = unary.future(nothing())
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stream(nothing()))
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "no request message within" in caught.value.details()
+        assert silent_unary.exception(10).code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        never.set()
+
+
+# -- keys and limits -------------------------------------------------------------------------------
+
+
+def test_keys_and_limits_are_statuses(triton: TritonFleet) -> None:
+    routes = grpc_routes(triton, keys="{required: true}", limit="limit: {rate: 1/s, burst: 2}")
+    with GatewayProcess(routes, grpc_port=free_port()) as process:
+        client = client_for(process)
+        code, message = status_of(lambda: client.infer("fraud-detector", inputs()))
+        assert code is grpc.StatusCode.UNAUTHENTICATED and "key" in message
+        code, _ = status_of(lambda: client.infer("no-such-model", inputs()))  # no key: no hint of what exists
+        assert code is grpc.StatusCode.UNAUTHENTICATED
+        code, _ = status_of(lambda: client.is_model_ready("fraud-detector"))
+        assert code is grpc.StatusCode.UNAUTHENTICATED
+        code, _ = status_of(
+            lambda: client.infer("fraud-detector", inputs(), headers={"x-api-key": "made-up"})
+        )
+        assert code is grpc.StatusCode.UNAUTHENTICATED
+        other = create_key(process, "team-b", models=["other-model"])
+        code, message = status_of(
+            lambda: client.infer("fraud-detector", inputs(), headers={"authorization": f"Bearer {other}"})
+        )
+        assert code is grpc.StatusCode.PERMISSION_DENIED and "fraud-detector" in message
+
+        secret = create_key(process, "team-a")
+        assert client.is_model_ready("fraud-detector", headers={"x-api-key": secret})
+        channel, stub = raw_stub(process)
+        with channel:
+            statuses = []
+            for _ in range(4):
+                try:
+                    stub.ModelInfer(infer_request(), metadata=(("x-api-key", secret),), timeout=10)
+                    statuses.append(grpc.StatusCode.OK)
+                except grpc.RpcError as error:
+                    statuses.append(error.code())
+                    limited = error
+        assert statuses[:2] == [grpc.StatusCode.OK, grpc.StatusCode.OK]
+        assert statuses[-1] is grpc.StatusCode.RESOURCE_EXHAUSTED
+        trailing = dict(limited.trailing_metadata())  # type: ignore[attr-defined]
+        assert int(trailing["retry-after"]) >= 1
+        assert "q=2" in trailing["ratelimit-policy"] and "rate limited" in limited.details()  # type: ignore[attr-defined]
