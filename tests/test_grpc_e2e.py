@@ -17,9 +17,12 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from backends.example import INPUT_NAME, SCORE_OUTPUT, VERSION_OUTPUT, expected_outputs
+from backends.local import start_version
 from tests.conftest import SLOW_VERSION_DELAY_MS, TritonFleet
 from tests.support import GatewayProcess, free_port
 from tests.test_limits_e2e import create_key
+from tests.test_live_reload import wait_until
+from tests.test_rollout_e2e import phase, rollout
 
 BATCH = np.array([[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 2.0, 8.0]], dtype=np.float32)
 TRITON_VERSION = {"2.1.3": 3, "2.2.0": 4, "stable": 3, "candidate": 4}
@@ -375,3 +378,53 @@ def test_keys_and_limits_are_statuses(triton: TritonFleet) -> None:
         trailing = dict(limited.trailing_metadata())  # type: ignore[attr-defined]
         assert int(trailing["retry-after"]) >= 1
         assert "q=2" in trailing["ratelimit-policy"] and "rate limited" in limited.details()  # type: ignore[attr-defined]
+
+
+# -- a rollout fed by gRPC traffic alone -----------------------------------------------------------
+
+
+def test_a_rollout_fed_only_by_grpc_rolls_back_a_failing_canary(triton: TritonFleet) -> None:
+    canary = start_version("fraud_detector", 7, free_port(), error_rate=0.3)  # 30% of batches fail
+    try:
+        routes = f"""
+backends:
+  triton-a: {{url: "{triton.v3.url}", grpc_url: "127.0.0.1:{triton.v3.grpc_port}", timeout: 10s}}
+  triton-canary: {{url: "{canary.url}", grpc_url: "127.0.0.1:{canary.grpc_port}", timeout: 10s}}
+models:
+  fraud-detector:
+    versions:
+      2.1.3: {{backend: triton-a, target: fraud_detector/3}}
+      2.9.0: {{backend: triton-canary, target: fraud_detector/7}}
+    split: {{2.1.3: 100, 2.9.0: 0}}
+    rollout: {{baseline: 2.1.3, canary: 2.9.0, steps: [20, 50, 100], max_error_rate_increase: 0.0}}
+keys: {{required: false}}
+"""
+        with GatewayProcess(routes, grpc_port=free_port()) as process:
+            client = client_for(process)
+            answered: Counter[str] = Counter()
+
+            def traffic(calls: int) -> None:
+                for _ in range(calls):
+                    try:
+                        answered[client.infer("fraud-detector", inputs()).get_response().model_version] += 1
+                    except InferenceServerException as error:
+                        answered[str(error.status())] += 1
+
+            assert wait_until(lambda: phase(process) == "progressing", 10) is not None
+
+            def rolled_back() -> bool:
+                traffic(20)  # the only traffic the gateway sees: gRPC, unpinned
+                return phase(process) == "rolled_back"
+
+            assert wait_until(rolled_back, 60) is not None
+            assert (
+                answered["2.9.0"] > 0 and answered["StatusCode.INTERNAL"] + answered["StatusCode.UNKNOWN"] > 0
+            )
+            last = rollout(process)["record"]["history"][-1]  # type: ignore[index]
+            assert (last["action"], last["by"], last["weight"]) == ("rollback", "controller", 0)
+            time.sleep(1.5)  # the worker follows the record within a tick
+            answered.clear()
+            traffic(30)
+            assert answered == Counter({"2.1.3": 30})
+    finally:
+        canary.stop()
