@@ -55,12 +55,12 @@ T = TypeVar("T")
 TOP_KEYS = ("backends", "models", "keys", "store", "server")
 BACKEND_KEYS = (
     "url",
-    "grpc_url",
     "timeout",
     "connect_timeout",
     "max_connections",
     "queue_timeout",
     "max_queue",
+    "grpc_url",
 )
 MODEL_KEYS = ("versions", "aliases", "split", "sticky", "mirror", "rollout", "limit")
 VERSION_KEYS = ("backend", "target", "metadata", "archive", "allow_schema_change")
