@@ -342,7 +342,7 @@ def test_a_call_that_never_sends_its_request_is_cut_off(gw: GatewayProcess) -> N
 
 
 def test_keys_and_limits_are_statuses(triton: TritonFleet) -> None:
-    routes = grpc_routes(triton, keys="{required: true}", limit="limit: {rate: 1/s, burst: 2}")
+    routes = grpc_routes(triton, keys="{required: true}")
     with GatewayProcess(routes, grpc_port=free_port()) as process:
         client = client_for(process)
         code, message = status_of(lambda: client.infer("fraud-detector", inputs()))
@@ -361,7 +361,7 @@ def test_keys_and_limits_are_statuses(triton: TritonFleet) -> None:
         )
         assert code is grpc.StatusCode.PERMISSION_DENIED and "fraud-detector" in message
 
-        secret = create_key(process, "team-a")
+        secret = create_key(process, "team-a", rate="1/s", burst=2)
         assert client.is_model_ready("fraud-detector", headers={"x-api-key": secret})
         channel, stub = raw_stub(process)
         with channel:
@@ -378,6 +378,28 @@ def test_keys_and_limits_are_statuses(triton: TritonFleet) -> None:
         trailing = dict(limited.trailing_metadata())  # type: ignore[attr-defined]
         assert int(trailing["retry-after"]) >= 1
         assert "q=2" in trailing["ratelimit-policy"] and "rate limited" in limited.details()  # type: ignore[attr-defined]
+
+        # In a stream, every request is admitted: those over the limit are answered with an error in it.
+        streamer = create_key(process, "team-s", rate="1/s", burst=2)
+        answers: list[Any] = []
+        arrived = threading.Condition()
+
+        def callback(result: triton_grpc.InferResult | None, error: Any) -> None:
+            with arrived:
+                answers.append(error if error is not None else result)
+                arrived.notify_all()
+
+        client.start_stream(callback, headers={"x-api-key": streamer})
+        try:
+            for _ in range(4):
+                client.async_stream_infer("fraud-detector", inputs(), model_version="stable")
+            with arrived:
+                assert arrived.wait_for(lambda: len(answers) == 4, 30), answers
+        finally:
+            client.stop_stream()
+        refused = [a for a in answers if isinstance(a, InferenceServerException)]
+        assert len(refused) == 2 and all("rate limited" in error.message() for error in refused)
+        assert sum(isinstance(a, triton_grpc.InferResult) for a in answers) == 2
 
 
 # -- a rollout fed by gRPC traffic alone -----------------------------------------------------------
@@ -428,3 +450,13 @@ keys: {{required: false}}
             assert answered == Counter({"2.1.3": 30})
     finally:
         canary.stop()
+
+
+def test_every_worker_serves_the_grpc_port(triton: TritonFleet) -> None:
+    with GatewayProcess(grpc_routes(triton), workers=2, grpc_port=free_port()) as process:
+        for _ in range(20):  # new connections, spread by the kernel over both workers' sockets
+            with grpc.insecure_channel(f"127.0.0.1:{process.grpc_port}") as channel:
+                stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                assert stub.ModelInfer(infer_request(version="stable"), timeout=10).model_version == "2.1.3"
+        assert process.process is not None and process.process.poll() is None
+        assert process.log().count("serving gRPC (KServe v2)") == 2  # both workers bound it

@@ -24,13 +24,14 @@ from typing import Any
 
 import grpc
 
+from gateway.access.admission import AdmissionDecision
 from gateway.grpc import protowire, statuses
 from gateway.grpc.caller import GrpcCaller
 from gateway.grpc.channels import BackendChannel, Channels
 from gateway.pipeline import steps
 from gateway.pipeline.errors import Refusal
 from gateway.pipeline.flow import Pipeline, Plan
-from gateway.pipeline.snapshot import VersionRoute
+from gateway.pipeline.snapshot import ModelRoute, VersionRoute
 from gateway.routing.decisions import Endpoint, Target
 from gateway.routing.table import Backend
 from gateway.stats.counters import Choice, Outcome
@@ -242,17 +243,25 @@ class Inference:
     # -- ModelStreamInfer --------------------------------------------------------------------------
 
     async def stream(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
-        """Routed by the first request; every later one must name the same model and version."""
+        """Routed by the first request; every later one must name the same model and version.
+
+        Each later request is admitted again (the key's and the model's limits apply per request, not
+        per stream); one over a limit is answered in the stream with an error_message, as Triton answers
+        a failed request of a stream, and the stream goes on.
+        """
         first = await self.first(requests, context)
         caller = GrpcCaller(context.invocation_metadata(), context.peer())
         request_id = steps.request_id(caller.header(b"x-request-id"))
+        snapshot = self.pipeline.snapshot
         routed = await self.route(first, context, caller, request_id)
         head = protowire.infer_head(first)
+        model = snapshot.models.get(routed.route.model)
         await context.send_initial_metadata(routed.metadata)
         timeout, callers_deadline = routed.timeout(context.time_remaining())
         route, choice = routed.route, routed.plan.choice
         call = routed.channel.stream(timeout=timeout, metadata=(("x-request-id", routed.metadata[1][1]),))
         sent: deque[float] = deque()  # when each request still unanswered went out
+        out: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()  # None: the backend is done
         mismatch: list[str] = []
 
         async def pump() -> None:
@@ -275,32 +284,62 @@ class Inference:
                     )
                     call.cancel()
                     return
+                refusal = await self._admit_again(model, caller)
+                if refusal is not None:
+                    self.pipeline.stats.unrouted[refusal.counts_as] += 1
+                    out.put_nowait(
+                        protowire.string_field(protowire.STREAM_ERROR_MESSAGE, refusal.message.encode())
+                    )
+                    continue
                 sent.append(time.perf_counter())
                 await call.write(request + routed.to_backend)
             await call.done_writing()
 
-        writer = asyncio.get_running_loop().create_task(pump())
+        async def relay() -> None:
+            try:
+                async for response in call:
+                    seconds = time.perf_counter() - sent.popleft() if sent else 0.0
+                    if protowire.strings(response, (protowire.STREAM_ERROR_MESSAGE,)):
+                        steps.record(route, choice, 500, Outcome.SERVER_ERROR, seconds)
+                    else:
+                        steps.record(route, choice, 200, Outcome.OK, seconds)
+                    out.put_nowait(protowire.stream_rename(response, routed.to_caller))
+                out.put_nowait(None)
+            except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+                out.put_nowait(exc)
+
+        loop = asyncio.get_running_loop()
+        writer, reader = loop.create_task(pump()), loop.create_task(relay())
         # A caller that leaves mid-stream ends the pump with an error; the call's own status says why.
         writer.add_done_callback(lambda task: task.cancelled() or task.exception())
         route.counters.in_flight += 1
         try:
-            async for response in call:
-                error = protowire.strings(response, (protowire.STREAM_ERROR_MESSAGE,))
-                seconds = time.perf_counter() - sent.popleft() if sent else 0.0
-                if error:
-                    steps.record(route, choice, 500, Outcome.SERVER_ERROR, seconds)
-                else:
-                    steps.record(route, choice, 200, Outcome.OK, seconds)
-                yield protowire.stream_rename(response, routed.to_caller)
-        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
-            if mismatch:  # the backend call was cancelled for it
-                await self._abort(context, Refusal(400, mismatch[0]), request_id)
-            if isinstance(exc, asyncio.CancelledError):
-                raise  # the caller left
-            started = sent[0] if sent else time.perf_counter()
-            await self._failed(context, routed, exc, started, timeout, callers_deadline)
+            while (item := await out.get()) is not None:
+                if isinstance(item, BaseException):
+                    if mismatch:  # the backend call was cancelled for it
+                        await self._abort(context, Refusal(400, mismatch[0]), request_id)
+                    if isinstance(item, grpc.aio.AioRpcError):
+                        started = sent[0] if sent else time.perf_counter()
+                        await self._failed(context, routed, item, started, timeout, callers_deadline)
+                    raise item
+                yield item
         finally:
             route.counters.in_flight -= 1
             writer.cancel()
-        if mismatch:
-            await self._abort(context, Refusal(400, mismatch[0]), request_id)
+            reader.cancel()
+            call.cancel()
+
+    async def _admit_again(self, model: ModelRoute | None, caller: GrpcCaller) -> Refusal | None:
+        """Admission for a later request of a stream: its key was checked; its limits apply again."""
+        admission = self.pipeline.admission
+        if admission is None or model is None or not model.admission_needed:
+            return None
+        future: asyncio.Future[AdmissionDecision] = asyncio.get_running_loop().create_future()
+
+        def crashed(exc: BaseException) -> None:
+            if not future.done():
+                future.set_exception(exc)
+
+        admission.admit(model.access, caller, future.set_result, crashed)
+        decision = await future
+        return steps.admission_refusal(decision) if decision.status else None
