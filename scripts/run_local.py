@@ -88,6 +88,7 @@ def main() -> int:
     parser.add_argument("--routes", default="routes.yaml")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--admin-port", type=int, default=8081)
+    parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--log-dir", default=str(REPO / "run"))
     args = parser.parse_args()
     log_dir = Path(args.log_dir)
@@ -111,8 +112,19 @@ def main() -> int:
     gateway: subprocess.Popen[bytes] | None = None
     try:
         for backend in backends:
-            servers.append(start_repository_server(backend.port, log_path=log_dir / f"{backend.name}.log"))
-        serve = ["serve", "--config", args.routes, "--port", str(args.port)]
+            log_path = log_dir / f"{backend.name}.log"
+            servers.append(
+                start_repository_server(backend.port, grpc_port=backend.grpc_port, log_path=log_path)
+            )
+        serve = [
+            "serve",
+            "--config",
+            args.routes,
+            "--port",
+            str(args.port),
+            "--grpc-port",
+            str(args.grpc_port),
+        ]
         serve += ["--admin-port", str(args.admin_port), "--state-dir", str(state_dir)]
         gateway = subprocess.Popen(
             gateway_command(*serve),
@@ -128,6 +140,7 @@ def main() -> int:
             targets = ", ".join(f"{m}/{n}" for m, n in backend.targets)
             print(f"  backend {backend.name}: {targets} at {server.url}")
         print(f"\ngateway: http://127.0.0.1:{args.port}  (e.g. POST /v2/models/fraud-detector/infer)")
+        print(f"gRPC:    127.0.0.1:{args.grpc_port}  (tritonclient.grpc, KServe v2 GRPCInferenceService)")
         print(f"admin:   {admin}/api/status  (metrics: /metrics, API: /openapi.json)")
         print(f"         token: $GATEWAY_ADMIN_TOKEN, or the file {state_dir / 'admin-token'}")
         connect = f"--admin {admin} --state-dir {state_dir}"
