@@ -100,11 +100,9 @@ def _drive_process(args: tuple[str, bytes, float, int]) -> float:
 
 
 def measure(pool: multiprocessing.pool.Pool, address: str, payload: bytes, args: argparse.Namespace) -> float:
-    started = time.monotonic()
-    counts: list[int] = pool.map(
-        _drive_process, [(address, payload, args.seconds, args.concurrency)] * args.clients
-    )
-    return sum(counts) / max(time.monotonic() - started, args.seconds)
+    work = [(address, payload, float(args.seconds), int(args.concurrency))] * args.clients
+    rates: list[float] = pool.map(_drive_process, work)
+    return sum(rates)
 
 
 # -- the targets -----------------------------------------------------------------------------------
