@@ -20,6 +20,7 @@ from backends.example import INPUT_NAME, SCORE_OUTPUT, VERSION_OUTPUT, expected_
 from backends.local import start_version
 from tests.conftest import SLOW_VERSION_DELAY_MS, TritonFleet
 from tests.support import GatewayProcess, free_port
+from tests.test_admin_e2e import admin
 from tests.test_limits_e2e import create_key
 from tests.test_live_reload import wait_until
 from tests.test_rollout_e2e import phase, rollout
@@ -31,7 +32,12 @@ MAX_MESSAGE = 1024 * 1024  # server: max_body_size in these routes
 FIRST_MESSAGE_TIMEOUT = 1.0  # server: header_timeout in these routes
 
 
-def grpc_routes(triton: TritonFleet, keys: str = "{required: false}", limit: str = "") -> str:
+def grpc_routes(
+    triton: TritonFleet,
+    keys: str = "{required: false}",
+    split: str = "{2.1.3: 90, 2.2.0: 10}",
+    extra: str = "",
+) -> str:
     down = free_port()  # nothing listens there
     return f"""
 backends:
@@ -51,9 +57,9 @@ models:
       2.5.0-http: {{backend: http-only, target: fraud_detector/3}}
       2.6.0-grpc-down: {{backend: grpc-down, target: fraud_detector/3}}
     aliases: {{stable: 2.1.3, candidate: 2.2.0}}
-    split: {{2.1.3: 90, 2.2.0: 10}}
+    split: {split}
     sticky: header:x-user-id
-    {limit}
+    {extra}
 keys: {keys}
 server: {{max_body_size: {MAX_MESSAGE}, header_timeout: {FIRST_MESSAGE_TIMEOUT:g}s}}
 """
@@ -400,6 +406,27 @@ def test_keys_and_limits_are_statuses(triton: TritonFleet) -> None:
         refused = [a for a in answers if isinstance(a, InferenceServerException)]
         assert len(refused) == 2 and all("rate limited" in error.message() for error in refused)
         assert sum(isinstance(a, triton_grpc.InferResult) for a in answers) == 2
+
+
+def test_the_mirror_copies_grpc_calls_and_never_returns_the_copies(triton: TritonFleet) -> None:
+    routes = grpc_routes(triton, split="{2.1.3: 100, 2.2.0: 0}", extra="mirror: {to: 2.2.0, percent: 25}")
+    with GatewayProcess(routes, grpc_port=free_port()) as process:
+        client = client_for(process)
+        answered = Counter(
+            client.infer("fraud-detector", inputs()).get_response().model_version for _ in range(40)
+        )
+        assert answered == Counter({"2.1.3": 40})  # the caller only ever sees the real answer
+
+        def counted() -> dict[str, Any] | None:
+            versions = admin(process, "GET", "/api/versions")[1]["models"]["fraud-detector"]
+            shadow = versions["2.2.0"]["total"]["by_choice"]["shadow"]
+            return versions if shadow["requests"] == 10 else None
+
+        assert wait_until(counted, 10) is not None  # 25% of 40, exactly, answered by the mirror version
+        versions = counted()
+        assert versions is not None
+        assert versions["2.2.0"]["total"]["by_choice"]["shadow"]["failures"] == 0
+        assert versions["2.1.3"]["total"]["by_choice"]["split"]["requests"] == 40
 
 
 # -- a rollout fed by gRPC traffic alone -----------------------------------------------------------

@@ -57,6 +57,7 @@ class Routed:
     to_backend: bytes  # name_fields for Triton's model and version
     to_caller: bytes  # name_fields for the public model and version
     metadata: tuple[tuple[str, str], ...]  # the answer's initial metadata
+    shadow_backend: Backend | None  # where the mirror's copy goes, from the same snapshot
 
     @property
     def route(self) -> VersionRoute:
@@ -117,7 +118,8 @@ class Inference:
     async def first(self, requests: AsyncIterator[bytes], context: Any) -> bytes:
         """The call's first request message; a caller that sends none in time is cut off."""
         try:
-            return await asyncio.wait_for(anext(requests), self.first_message_timeout)
+            async with asyncio.timeout(self.first_message_timeout):  # a timer, not a task as wait_for
+                return await anext(requests)
         except TimeoutError:
             message = f"no request message within {self.first_message_timeout:g}s of the call's start"
             await self._abort(context, Refusal(504, message), b"-")
@@ -162,6 +164,7 @@ class Inference:
             protowire.name_fields(version.triton_model, version.triton_version),
             protowire.name_fields(result.version.model, version.id),
             tuple(own),
+            snapshot.table.backends[result.shadow.version.backend] if result.shadow is not None else None,
         )
 
     def _plan(self, snapshot: Any, target: Target, caller: GrpcCaller) -> asyncio.Future[Plan | Refusal]:
@@ -188,10 +191,10 @@ class Inference:
         await context.send_initial_metadata(routed.metadata)
         payload = request + routed.to_backend
         plan, route = routed.plan, routed.route
-        if plan.shadow is not None:
-            shadow_backend = self.pipeline.snapshot.table.backends.get(plan.shadow.version.backend)
-            if shadow_backend is not None:
-                self.mirrors.send(self.channels, shadow_backend, plan.shadow, payload)
+        if plan.shadow is not None and routed.shadow_backend is not None:
+            shadow = plan.shadow.version  # the copy names the mirror version's own Triton target
+            copy = request + protowire.name_fields(shadow.triton_model, shadow.triton_version)
+            self.mirrors.send(self.channels, routed.shadow_backend, plan.shadow, copy)
         timeout, callers_deadline = routed.timeout(context.time_remaining())
         route.counters.in_flight += 1
         started = time.perf_counter()
