@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 from hypothesis import given
@@ -10,8 +12,13 @@ from tritonclient.grpc import service_pb2
 
 from gateway.grpc import protowire, statuses
 from gateway.grpc.caller import GrpcCaller, peer_host
+from gateway.grpc.server import GrpcPort
+from gateway.grpc.service import GrpcFrontDoor
 from gateway.pipeline.errors import Refusal
+from gateway.pipeline.flow import Pipeline
+from gateway.pipeline.metadata import Metadata
 from gateway.routing.config import ConfigError, parse_table
+from gateway.routing.table import ServerSettings
 from gateway.stats.counters import Outcome
 
 names = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
@@ -194,3 +201,60 @@ def test_bad_grpc_urls_are_refused_with_their_place(grpc_url: str, message: str)
     [issue] = caught.value.issues
     assert str(issue).startswith("routes.yaml:2:") and message in str(issue)
     assert "secret" not in str(issue)
+
+
+# -- the exception boundary, in process ------------------------------------------------------------
+
+BOUNDARY_ROUTES = """
+backends:
+  nowhere: {url: "http://127.0.0.1:9", grpc_url: "127.0.0.1:9"}
+models:
+  m:
+    versions:
+      "1": {backend: nowhere, target: m/1}
+keys: {required: false}
+"""
+
+
+class Injected(RuntimeError):
+    """The fault this test injects."""
+
+
+@pytest.mark.parametrize("step", ["plan", "stream"])
+async def test_a_bug_in_a_step_is_internal_counted_and_harms_no_other_call(
+    step: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipeline = Pipeline(parse_table(BOUNDARY_ROUTES), asyncio.get_running_loop())
+
+    async def settled(timeout: float) -> None:
+        return None
+
+    front = GrpcFrontDoor(pipeline, Metadata(lambda: pipeline.snapshot, settled), 5.0)
+    port = GrpcPort(front, ServerSettings(), reuse_port=False)
+    bound = await port.start("127.0.0.1", 0)
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise Injected("injected fault")
+
+    monkeypatch.setattr(pipeline, "plan", boom)
+    request = service_pb2.ModelInferRequest(model_name="m").SerializeToString()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{bound}") as channel:
+            prefix = "/inference.GRPCInferenceService/"
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                if step == "plan":
+                    await channel.unary_unary(prefix + "ModelInfer")(request, timeout=5)
+                else:
+                    call = channel.stream_stream(prefix + "ModelStreamInfer")(iter([request]), timeout=5)
+                    [_ async for _ in call]
+            assert (caught.value.code(), caught.value.details()) == (
+                grpc.StatusCode.INTERNAL,
+                "internal error",
+            )
+            assert front.internal_errors == 1
+            live = service_pb2.ServerLiveResponse.FromString(
+                await channel.unary_unary(prefix + "ServerLive")(b"", timeout=5)
+            )
+            assert live.live  # the port still serves
+    finally:
+        await port.stop(0)
