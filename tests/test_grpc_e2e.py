@@ -125,7 +125,7 @@ def test_metadata_pins_and_the_answer_names_its_version_and_request_id(gw: Gatew
             metadata=(("x-model-version", "candidate"), ("x-request-id", "req-42")),
             timeout=10,
         )
-        metadata = dict(call.initial_metadata())
+        metadata = dict(call.trailing_metadata())
     assert (metadata["x-model-version"], metadata["x-request-id"]) == ("2.2.0", "req-42")
     assert (response.model_name, response.model_version) == ("fraud-detector", "2.2.0")
     version_output = [o.name for o in response.outputs].index(VERSION_OUTPUT)

@@ -5,7 +5,8 @@ by pin, alias, `x-model-version`, sticky metadata or the split), then the reques
 version's backend with only `model_name` and `model_version` rewritten to Triton's (protowire), over
 the backend's shared channel, with the caller's deadline (or the backend's timeout, if sooner). The
 answer comes back renamed to the public model and version; `x-model-version` and `x-request-id` are
-sent as the answer's initial metadata, with the rate-limit headers admission gave.
+sent in the answer's trailing metadata (a stream's: initial), with the rate-limit headers admission
+gave.
 
 What is recorded for the version is the backend's doing only, as over HTTP: the time from the request
 sent to the answer received; a caller that cancels, or whose own deadline ran out first, is
@@ -56,7 +57,7 @@ class Routed:
     request_id: bytes
     to_backend: bytes  # name_fields for Triton's model and version
     to_caller: bytes  # name_fields for the public model and version
-    metadata: tuple[tuple[str, str], ...]  # the answer's initial metadata
+    metadata: tuple[tuple[str, str], ...]  # what the answer's metadata carries
     shadow_backend: Backend | None  # where the mirror's copy goes, from the same snapshot
 
     @property
@@ -188,7 +189,9 @@ class Inference:
         caller = GrpcCaller(context.invocation_metadata(), context.peer())
         request_id = steps.request_id(caller.header(b"x-request-id"))
         routed = await self.route(request, context, caller, request_id)
-        await context.send_initial_metadata(routed.metadata)
+        # In the trailing metadata, sent with the status: initial metadata would be a write of its own,
+        # about 100 us more per call (a sixth of the gateway's CPU per call, measured).
+        context.set_trailing_metadata(routed.metadata)
         payload = request + routed.to_backend
         plan, route = routed.plan, routed.route
         if plan.shadow is not None and routed.shadow_backend is not None:
