@@ -479,11 +479,26 @@ keys: {{required: false}}
         canary.stop()
 
 
-def test_every_worker_serves_the_grpc_port(triton: TritonFleet) -> None:
+def test_every_worker_serves_the_grpc_port_and_follows_reloads(triton: TritonFleet) -> None:
     with GatewayProcess(grpc_routes(triton), workers=2, grpc_port=free_port()) as process:
-        for _ in range(20):  # new connections, spread by the kernel over both workers' sockets
-            with grpc.insecure_channel(f"127.0.0.1:{process.grpc_port}") as channel:
-                stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-                assert stub.ModelInfer(infer_request(version="stable"), timeout=10).model_version == "2.1.3"
-        assert process.process is not None and process.process.poll() is None
+
+        def answers(version: str) -> set[str]:
+            seen = set()
+            for _ in range(10):  # new connections, spread by the kernel over both workers' sockets
+                with grpc.insecure_channel(f"127.0.0.1:{process.grpc_port}") as channel:
+                    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                    try:
+                        seen.add(stub.ModelInfer(infer_request(version=version), timeout=10).model_version)
+                    except grpc.RpcError as error:
+                        seen.add(str(error.code()))
+            return seen
+
+        assert answers("candidate") == {"2.2.0"}
         assert process.log().count("serving gRPC (KServe v2)") == 2  # both workers bound it
+        # A saved edit: triton-b loses its grpc_url; every worker's gRPC port follows.
+        edited = process.routes.replace(f'grpc_url: "grpc://127.0.0.1:{triton.v4.grpc_port}", ', "")
+        assert edited != process.routes
+        process.routes_path.write_text(edited)
+        assert wait_until(lambda: answers("candidate") == {"StatusCode.UNIMPLEMENTED"}, 10) is not None
+        assert answers("stable") == {"2.1.3"}
+        assert process.stop() == 0  # SIGTERM: both ports drain and close, exit 0

@@ -9,6 +9,7 @@ generated messages (tritonclient.grpc.service_pb2).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,6 +17,7 @@ import grpc
 from tritonclient.grpc import service_pb2
 
 SERVICE = "inference.GRPCInferenceService"
+CLOSE_GRACE = 60.0  # seconds calls on a channel no table names any more may still take
 CHANNEL_OPTIONS = (
     # A backend's answer is as large as the model makes it; the caller's side bounds what it accepts.
     ("grpc.max_receive_message_length", -1),
@@ -50,6 +52,7 @@ class BackendChannel:
 class Channels:
     def __init__(self) -> None:
         self._by_address: dict[str, BackendChannel] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     def get(self, address: str) -> BackendChannel:
         channel = self._by_address.get(address)
@@ -57,11 +60,18 @@ class Channels:
             channel = self._by_address[address] = BackendChannel(address)
         return channel
 
-    async def keep_only(self, addresses: Iterable[str]) -> None:
-        """Close the channels of addresses no table names any more (after a reload)."""
+    def keep_only(self, addresses: Iterable[str]) -> None:
+        """Close the channels of addresses no table names any more (after a reload); calls still on
+        them (begun on the old table) get CLOSE_GRACE seconds to finish."""
         wanted = set(addresses)
         for address in [a for a in self._by_address if a not in wanted]:
-            await self._by_address.pop(address).channel.close(grace=None)
+            closing = asyncio.get_running_loop().create_task(
+                self._by_address.pop(address).channel.close(CLOSE_GRACE)
+            )
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        await self.keep_only(())
+        for channel in self._by_address.values():
+            await channel.channel.close(grace=None)
+        self._by_address.clear()

@@ -113,6 +113,7 @@ class Inference:
         self.mirrors = Mirrors()
         self._abort = abort
         self.first_message_timeout = first_message_timeout
+        self._table: object = None  # the table the channels were last pruned for
 
     # -- the head steps ----------------------------------------------------------------------------
 
@@ -131,6 +132,9 @@ class Inference:
     async def route(self, request: bytes, context: Any, caller: GrpcCaller, request_id: bytes) -> Routed:
         """Plan a call from its (first) request, or abort it with the refusal's status."""
         snapshot = self.pipeline.snapshot  # the one snapshot this call sees, whatever reloads meanwhile
+        if snapshot.table is not self._table:  # a reload: channels to backends no table names are closed
+            self._table = snapshot.table
+            self.channels.keep_only(b.grpc_address for b in snapshot.table.backends.values())
         try:
             head = protowire.infer_head(request)
         except protowire.WireError as exc:
@@ -225,7 +229,7 @@ class Inference:
         routed: Routed,
         exc: grpc.aio.AioRpcError,
         started: float,
-        timeout: float,
+        timeout: float | None,
         callers_deadline: bool,
     ) -> None:
         code = exc.code()
@@ -240,7 +244,8 @@ class Inference:
             refusal = Refusal(503, f"{what}: {backend} is unavailable: {exc.details()}")
         elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
             bound = "the call's deadline" if callers_deadline else f"{backend}'s timeout"
-            refusal = Refusal(504, f"{what} did not answer within {timeout:.3g}s ({bound})")
+            within = f" within {timeout:.3g}s" if timeout is not None else ""
+            refusal = Refusal(504, f"{what} did not answer{within} ({bound})")
         else:
             await context.abort(code, f"{what}: {exc.details()}", trailing_metadata=routed.metadata)
             return
@@ -263,7 +268,10 @@ class Inference:
         head = protowire.infer_head(first)
         model = snapshot.models.get(routed.route.model)
         await context.send_initial_metadata(routed.metadata)
-        timeout, callers_deadline = routed.timeout(context.time_remaining())
+        # A stream lasts as long as its caller wants: the backend's timeout bounds one exchange, not a
+        # stream of them, so only the caller's own deadline applies to it.
+        remaining = context.time_remaining()
+        timeout, callers_deadline = (remaining, True) if remaining is not None else (None, False)
         route, choice = routed.route, routed.plan.choice
         call = routed.channel.stream(timeout=timeout, metadata=(("x-request-id", routed.metadata[1][1]),))
         sent: deque[float] = deque()  # when each request still unanswered went out
