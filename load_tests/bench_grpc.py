@@ -31,7 +31,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 from nginx import backend_conf, nginx_binary, start_nginx
-from procs import Supervisor, free_port, wait_for_port
+from procs import Supervisor, cpu_seconds, descendants, free_port, wait_for_port
 from tritonclient.grpc import service_pb2
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,8 +76,8 @@ async def serve_backend(port: int) -> None:
 # -- the load generator ----------------------------------------------------------------------------
 
 
-async def _drive(address: str, payload: bytes, seconds: float, concurrency: int) -> float:
-    """Calls per second one process completed, over its own measured window."""
+async def _drive(address: str, payload: bytes, seconds: float, concurrency: int) -> tuple[int, float]:
+    """Calls one process completed, and over how many seconds (its own measured window)."""
     async with grpc.aio.insecure_channel(address) as channel:
         call = channel.unary_unary(METHOD)
         await call(payload, timeout=10)  # connected and answering before the clock starts
@@ -92,17 +92,27 @@ async def _drive(address: str, payload: bytes, seconds: float, concurrency: int)
                 done += 1
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return done / (time.monotonic() - started)
+        return done, time.monotonic() - started
 
 
-def _drive_process(args: tuple[str, bytes, float, int]) -> float:
+def _drive_process(args: tuple[str, bytes, float, int]) -> tuple[int, float]:
     return asyncio.run(_drive(*args))
 
 
-def measure(pool: multiprocessing.pool.Pool, address: str, payload: bytes, args: argparse.Namespace) -> float:
+def measure(
+    pool: multiprocessing.pool.Pool, address: str, payload: bytes, pids: list[int], args: argparse.Namespace
+) -> tuple[float, float]:
+    """Requests/s through the target, and the target's own CPU microseconds per request.
+
+    The CPU figure does not depend on how busy the machine is: it is what limits a target that has a
+    core to itself.
+    """
     work = [(address, payload, float(args.seconds), int(args.concurrency))] * args.clients
-    rates: list[float] = pool.map(_drive_process, work)
-    return sum(rates)
+    cpu_before = cpu_seconds(pids)
+    results: list[tuple[int, float]] = pool.map(_drive_process, work)
+    cpu = cpu_seconds(pids) - cpu_before
+    calls = sum(count for count, _ in results)
+    return sum(count / seconds for count, seconds in results), 1e6 * cpu / max(calls, 1)
 
 
 # -- the targets -----------------------------------------------------------------------------------
@@ -189,7 +199,7 @@ def run(sup: Supervisor, workdir: Path, args: argparse.Namespace) -> int:
     wait_for_port(backend_port, backend, timeout=20)
     # The gateway's health checks read a backend's HTTP readiness: a fixed-answer nginx gives it.
     start_nginx(sup, "health", backend_conf(health_port, 1), health_port, None)
-    start_nginx(sup, "nginx-grpc", nginx_grpc_conf(nginx_port, backend_port), nginx_port, None)
+    proxy = start_nginx(sup, "nginx-grpc", nginx_grpc_conf(nginx_port, backend_port), nginx_port, None)
     routes = workdir / "routes.yaml"
     routes.write_text(gateway_routes(health_port, backend_port))
     argv = [str(REPO / ".venv/bin/gateway"), "serve", "--config", str(routes), "--host", "127.0.0.1"]
@@ -200,13 +210,14 @@ def run(sup: Supervisor, workdir: Path, args: argparse.Namespace) -> int:
 
     private, public = request_bytes("fraud_detector", "3"), request_bytes("fraud-detector")
     targets = {
-        "backend": (f"127.0.0.1:{backend_port}", private),
-        "nginx": (f"127.0.0.1:{nginx_port}", private),
-        "gateway": (f"127.0.0.1:{gateway_port}", public),
+        "backend": (f"127.0.0.1:{backend_port}", private, backend.pid),
+        "nginx": (f"127.0.0.1:{nginx_port}", private, proxy.child.pid),
+        "gateway": (f"127.0.0.1:{gateway_port}", public, gateway.pid),
     }
-    for address, payload in targets.values():
+    for address, payload, _ in targets.values():
         wait_answering(address, payload)
     rates: dict[str, list[float]] = {name: [] for name in targets}
+    costs: dict[str, list[float]] = {name: [] for name in targets}
     print(
         f"bench_grpc: {args.rounds} round(s) x {args.seconds:g}s per target, {args.clients} client "
         f"process(es) x {args.concurrency} calls in flight (Python grpc.aio load generator)",
@@ -214,14 +225,17 @@ def run(sup: Supervisor, workdir: Path, args: argparse.Namespace) -> int:
     )
     with multiprocessing.get_context("spawn").Pool(args.clients) as pool:
         for number in range(1, args.rounds + 1):
-            for name, (address, payload) in targets.items():
-                rate = measure(pool, address, payload, args)
+            for name, (address, payload, pid) in targets.items():
+                rate, cost = measure(pool, address, payload, [pid, *descendants(pid)], args)
                 rates[name].append(rate)
-                print(f"  round {number} {name:8s} {rate:9.0f} req/s", flush=True)
+                costs[name].append(cost)
+                print(f"  round {number} {name:8s} {rate:9.0f} req/s {cost:7.0f} us CPU/req", flush=True)
     medians = {name: statistics.median(values) for name, values in rates.items()}
-    print("\ntarget     req/s (median)   vs nginx")
+    cpu = {name: statistics.median(values) for name, values in costs.items()}
+    print("\ntarget     req/s (median)   vs nginx   CPU us/req (median)   vs nginx")
     for name, value in medians.items():
-        print(f"{name:10s} {value:14.0f}   {value / medians['nginx']:6.2f}x")
+        ratio, cost_ratio = value / medians["nginx"], cpu[name] / cpu["nginx"]
+        print(f"{name:10s} {value:14.0f}   {ratio:6.2f}x   {cpu[name]:19.0f}   {cost_ratio:6.2f}x")
     if gateway.alive() is False:
         print("THE GATEWAY DIED during the run; see its log", file=sys.stderr)
         return 1
