@@ -306,6 +306,21 @@ def test_a_malformed_request_is_invalid_argument(gw: GatewayProcess) -> None:
     assert "not a valid ModelInferRequest" in caught.value.details()
 
 
+def test_a_request_the_backend_rejects_is_the_callers_fault_not_the_versions(gw: GatewayProcess) -> None:
+    def pinned() -> dict[str, int]:
+        versions = admin(gw, "GET", "/api/versions")[1]["models"]["fraud-detector"]
+        return versions["2.1.3"]["total"]["by_choice"]["pinned"]  # type: ignore[no-any-return]
+
+    before = pinned()
+    flat = triton_grpc.InferInput(INPUT_NAME, [4], "FP32")  # no batch dimension: Triton refuses it
+    flat.set_data_from_numpy(np.ones(4, dtype=np.float32))
+    code, message = status_of(lambda: client_for(gw).infer("fraud-detector", [flat], model_version="2.1.3"))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert message.startswith("version 2.1.3 of model fraud-detector: ") and "shape" in message
+    assert wait_until(lambda: pinned()["caller_faults"] == before["caller_faults"] + 1, 10) is not None
+    assert pinned()["failures"] == before["failures"]  # never counted against the version
+
+
 # -- the port's limits -----------------------------------------------------------------------------
 
 
