@@ -278,6 +278,11 @@ def test_a_backend_that_is_down_is_unavailable(gw: GatewayProcess) -> None:
 
 
 def test_a_slow_backend_is_deadline_exceeded_within_the_callers_deadline(gw: GatewayProcess) -> None:
+    def timeouts() -> int:
+        versions = admin(gw, "GET", "/api/versions")[1]["models"]["fraud-detector"]
+        return versions["2.3.0-slow"]["total"]["by_outcome"]["timeout"]  # type: ignore[no-any-return]
+
+    before = timeouts()
     client = client_for(gw)
     started = time.monotonic()
     code, _ = status_of(
@@ -288,6 +293,8 @@ def test_a_slow_backend_is_deadline_exceeded_within_the_callers_deadline(gw: Gat
     # Without a deadline of its own, the caller gets the backend's timeout (1s), and is told so.
     code, message = status_of(lambda: client.infer("fraud-detector", inputs(), model_version="2.3.0-slow"))
     assert code is grpc.StatusCode.DEADLINE_EXCEEDED and "backend triton-slow" in message and "1s" in message
+    # Both are the version's timeouts: a version slower than its callers' deadlines is failing them.
+    assert wait_until(lambda: timeouts() == before + 2, 10) is not None
 
 
 def test_a_version_without_grpc_url_is_unimplemented(gw: GatewayProcess) -> None:

@@ -9,8 +9,11 @@ sent in the answer's trailing metadata (a stream's: initial), with the rate-limi
 gave.
 
 What is recorded for the version is the backend's doing only, as over HTTP: the time from the request
-sent to the answer received; a caller that cancels, or whose own deadline ran out first, is
-`Outcome.ABANDONED`; a backend status that blames the request (INVALID_ARGUMENT...) is the caller's.
+sent to the answer received; a caller that cancels is `Outcome.ABANDONED`; a backend status that
+blames the request (INVALID_ARGUMENT...) is the caller's. A version that does not answer within the
+caller's deadline has timed out (`Outcome.TIMEOUT`), not been abandoned: gRPC callers nearly always set
+deadlines, and a canary slower than them must count as failing, or it would look perfect. Split
+traffic meets the same deadlines on every version, so the comparison stays fair.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from gateway.stats.counters import Choice, Outcome
 
 log = logging.getLogger("gateway.grpc")
 
+DEADLINE_SLACK = 0.9
 MAX_MIRRORS_IN_FLIGHT = 128  # shadow copies beyond this are skipped: a slow mirror must not pile up
 Abort = Callable[[Any, Refusal, bytes], Awaitable[None]]  # (context, refusal, request id); raises
 
@@ -213,11 +217,15 @@ class Inference:
             route.counters.in_flight -= 1
             await self._failed(context, routed, exc, started, timeout, callers_deadline)
             raise AssertionError("abort raises") from None  # pragma: no cover
-        except (
-            asyncio.CancelledError
-        ):  # the caller cancelled, or its deadline passed: not the version's doing
+        except asyncio.CancelledError:  # the caller cancelled, or its deadline passed
             route.counters.in_flight -= 1
-            steps.record(route, plan.choice, 499, Outcome.ABANDONED, time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            # The caller's deadline ends on its side a little before ours (grpc-timeout is sent as a
+            # duration), so its cancellation in the last tenth of the deadline is the deadline's.
+            if callers_deadline and elapsed >= DEADLINE_SLACK * timeout:
+                steps.record(route, plan.choice, 504, Outcome.TIMEOUT, elapsed)
+            else:  # the caller left: not the version's doing
+                steps.record(route, plan.choice, 499, Outcome.ABANDONED, elapsed)
             raise
         route.counters.in_flight -= 1
         steps.record(route, plan.choice, 200, Outcome.OK, time.perf_counter() - started)
@@ -234,8 +242,6 @@ class Inference:
     ) -> None:
         code = exc.code()
         status, outcome = statuses.recorded(code)
-        if code is grpc.StatusCode.DEADLINE_EXCEEDED and callers_deadline:
-            outcome = Outcome.ABANDONED  # the caller chose to wait less than the backend may take
         route = routed.route
         steps.record(route, routed.plan.choice, status, outcome, time.perf_counter() - started)
         what = f"version {route.version.id} of model {route.model}"
