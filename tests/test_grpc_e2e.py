@@ -302,6 +302,8 @@ def test_a_version_without_grpc_url_is_unimplemented(gw: GatewayProcess) -> None
         lambda: client_for(gw).infer("fraud-detector", inputs(), model_version="2.5.0-http")
     )
     assert code is grpc.StatusCode.UNIMPLEMENTED and "no grpc_url" in message and "http-only" in message
+    code, message = status_of(lambda: client_for(gw).get_model_config("fraud-detector", "2.5.0-http"))
+    assert code is grpc.StatusCode.UNIMPLEMENTED and "ask over HTTP" in message
 
 
 def test_a_malformed_request_is_invalid_argument(gw: GatewayProcess) -> None:
