@@ -29,7 +29,7 @@ BATCH = np.array([[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 2.0, 8.0]], dtype=np.float32
 TRITON_VERSION = {"2.1.3": 3, "2.2.0": 4, "stable": 3, "candidate": 4}
 PUBLIC_ID = {"2.1.3": "2.1.3", "2.2.0": "2.2.0", "stable": "2.1.3", "candidate": "2.2.0"}
 MAX_MESSAGE = 1024 * 1024  # server: max_body_size in these routes
-FIRST_MESSAGE_TIMEOUT = 1.0  # server: header_timeout in these routes
+FIRST_MESSAGE_TIMEOUT = 0.5  # server: header_timeout and body_timeout in these routes, each
 
 
 def grpc_routes(
@@ -61,7 +61,8 @@ models:
     sticky: header:x-user-id
     {extra}
 keys: {keys}
-server: {{max_body_size: {MAX_MESSAGE}, header_timeout: {FIRST_MESSAGE_TIMEOUT:g}s}}
+server: {{max_body_size: {MAX_MESSAGE}, header_timeout: {FIRST_MESSAGE_TIMEOUT:g}s,
+         body_timeout: {FIRST_MESSAGE_TIMEOUT:g}s}}
 """
 
 

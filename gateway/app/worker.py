@@ -108,7 +108,9 @@ class Worker:
     async def serve_grpc(self, host: str, port: int, reuse_port: bool) -> int:
         """Open the gRPC port on the same pipeline as HTTP; returns the port bound."""
         settings = self.table.server
-        front_door = GrpcFrontDoor(self.pipeline, self.front_door.metadata, settings.header_timeout)
+        # A request message is an HTTP request's head and body at once: it gets both their times.
+        first_message = settings.header_timeout + settings.body_timeout
+        front_door = GrpcFrontDoor(self.pipeline, self.front_door.metadata, first_message)
         self.grpc = GrpcPort(front_door, settings, reuse_port)
         return await self.grpc.start(host, port)
 

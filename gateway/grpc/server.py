@@ -4,8 +4,9 @@ Its limits come from the `server:` settings of routes.yaml where one means the s
 HTTP/2 (read when the port opens; a reload does not change them):
 - `max_body_size` bounds a request message (grpc.max_receive_message_length: RESOURCE_EXHAUSTED),
 - `max_header_size` the metadata of a call (grpc.max_metadata_size),
-- `header_timeout` how long a call may stay open before it sends its (first) request message: a
-  client that opens streams and never sends is cut off (infer.py), instead of holding a stream,
+- `header_timeout` + `body_timeout` how long a call may stay open before its (first) request message
+  is in (a message is an HTTP request's head and body at once): a client that opens streams and
+  never sends is cut off (infer.py), instead of holding a stream,
 - `keepalive_timeout` how long a connection with no call stays open (grpc.max_connection_idle_ms),
 - `max_connections` how many calls one process serves at once (the rest get RESOURCE_EXHAUSTED).
 The ones that exist only in gRPC are named here once: concurrent streams per connection (HTTP/2's

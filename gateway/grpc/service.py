@@ -27,7 +27,7 @@ from gateway import __version__
 from gateway.grpc import statuses
 from gateway.grpc.caller import GrpcCaller
 from gateway.grpc.channels import SERVICE, Channels
-from gateway.grpc.infer import Inference
+from gateway.grpc.infer import Inference, Mirrors
 from gateway.pipeline import steps
 from gateway.pipeline.errors import Refusal
 from gateway.pipeline.flow import Pipeline
@@ -63,7 +63,7 @@ class GrpcFrontDoor:
         self.inference = Inference(pipeline, self.channels, self.abort, first_message_timeout)
 
     @property
-    def mirrors(self) -> Any:
+    def mirrors(self) -> Mirrors:
         return self.inference.mirrors
 
     # -- refusals and the exception boundary -------------------------------------------------------
