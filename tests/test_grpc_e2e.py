@@ -369,6 +369,28 @@ def test_a_call_that_never_sends_its_request_is_cut_off(gw: GatewayProcess) -> N
         never.set()
 
 
+def test_an_idle_stream_is_closed_but_not_while_an_answer_is_outstanding(triton: TritonFleet) -> None:
+    routes = grpc_routes(triton).replace("body_timeout: 0.5s}", "body_timeout: 0.5s, keepalive_timeout: 1s}")
+    assert "keepalive_timeout: 1s" in routes
+    with GatewayProcess(routes, grpc_port=free_port()) as process:
+        channel, stub = raw_stub(process)
+        with channel:
+            hold = threading.Event()
+
+            def one_then_silence() -> Iterator[Any]:
+                yield infer_request(version="2.3.0-slow")  # answered after 2.5s, longer than the idle 1s
+                hold.wait(30)
+
+            answers = stub.ModelStreamInfer(one_then_silence())
+            first = next(answers)  # not closed while its answer was outstanding
+            assert first.error_message == "" and first.infer_response.model_version == "2.3.0-slow"
+            with pytest.raises(grpc.RpcError) as caught:
+                next(answers)  # then idle: closed
+            hold.set()
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "sent nothing for 1s with no answer outstanding" in caught.value.details()
+
+
 # -- keys and limits -------------------------------------------------------------------------------
 
 

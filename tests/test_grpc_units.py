@@ -229,7 +229,7 @@ async def test_a_bug_in_a_step_is_internal_counted_and_harms_no_other_call(
     async def settled(timeout: float) -> None:
         return None
 
-    front = GrpcFrontDoor(pipeline, Metadata(lambda: pipeline.snapshot, settled), 5.0)
+    front = GrpcFrontDoor(pipeline, Metadata(lambda: pipeline.snapshot, settled), 5.0, 5.0)
     port = GrpcPort(front, ServerSettings(), reuse_port=False)
     bound = await port.start("127.0.0.1", 0)
 

@@ -110,7 +110,9 @@ class Worker:
         settings = self.table.server
         # A request message is an HTTP request's head and body at once: it gets both their times.
         first_message = settings.header_timeout + settings.body_timeout
-        front_door = GrpcFrontDoor(self.pipeline, self.front_door.metadata, first_message)
+        front_door = GrpcFrontDoor(
+            self.pipeline, self.front_door.metadata, first_message, settings.keepalive_timeout
+        )
         self.grpc = GrpcPort(front_door, settings, reuse_port)
         return await self.grpc.start(host, port)
 

@@ -47,8 +47,8 @@ MAX_MIRRORS_IN_FLIGHT = 128  # shadow copies beyond this are skipped: a slow mir
 Abort = Callable[[Any, Refusal, bytes], Awaitable[None]]  # (context, refusal, request id); raises
 
 
-class StreamMismatch(Exception):
-    """A later request of a stream names another model or version than the first one."""
+class StreamIdle(Exception):
+    """A stream's caller sent nothing for the idle timeout while no answer was outstanding."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +111,16 @@ class Mirrors:
 
 
 class Inference:
-    def __init__(self, pipeline: Pipeline, channels: Channels, abort: Abort, first_message_timeout: float):
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        channels: Channels,
+        abort: Abort,
+        first_message_timeout: float,
+        idle_timeout: float,
+    ) -> None:
         self.pipeline = pipeline
+        self.idle_timeout = idle_timeout  # a stream idle this long (nothing outstanding) is closed
         self.channels = channels
         self.mirrors = Mirrors()
         self._abort = abort
@@ -262,6 +270,9 @@ class Inference:
     async def stream(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
         """Routed by the first request; every later one must name the same model and version.
 
+        A stream whose caller sends nothing for the server's keepalive_timeout while no answer is
+        outstanding is closed (DEADLINE_EXCEEDED), as HTTP closes an idle keep-alive connection.
+
         Each later request is admitted again (the key's and the model's limits apply per request, not
         per stream); one over a limit is answered in the stream with an error_message, as Triton answers
         a failed request of a stream, and the stream goes on.
@@ -283,12 +294,26 @@ class Inference:
         sent: deque[float] = deque()  # when each request still unanswered went out
         out: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()  # None: the backend is done
         mismatch: list[str] = []
+        loop, idle = asyncio.get_running_loop(), self.idle_timeout
+        timer: list[asyncio.Timeout] = []  # the pump's wait for the caller's next request, while it waits
 
         async def pump() -> None:
             sent.append(time.perf_counter())
             await call.write(first + routed.to_backend)
             count = 1
-            async for request in requests:
+            while True:
+                try:
+                    # Idle: nothing sent and no answer outstanding (relay restarts the clock on the last).
+                    async with asyncio.timeout_at(None if sent else loop.time() + idle) as waiting:
+                        timer[:] = [waiting]
+                        request = await anext(requests)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    out.put_nowait(StreamIdle())
+                    return
+                finally:
+                    timer.clear()
                 count += 1
                 try:
                     other = protowire.infer_head(request)
@@ -319,6 +344,8 @@ class Inference:
             try:
                 async for response in call:
                     seconds = time.perf_counter() - sent.popleft() if sent else 0.0
+                    if not sent and timer:
+                        timer[0].reschedule(loop.time() + idle)
                     if protowire.strings(response, (protowire.STREAM_ERROR_MESSAGE,)):
                         steps.record(route, choice, 500, Outcome.SERVER_ERROR, seconds)
                     else:
@@ -328,13 +355,15 @@ class Inference:
             except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
                 out.put_nowait(exc)
 
-        loop = asyncio.get_running_loop()
         writer, reader = loop.create_task(pump()), loop.create_task(relay())
         # A caller that leaves mid-stream ends the pump with an error; the call's own status says why.
         writer.add_done_callback(lambda task: task.cancelled() or task.exception())
         route.counters.in_flight += 1
         try:
             while (item := await out.get()) is not None:
+                if isinstance(item, StreamIdle):
+                    message = f"the stream sent nothing for {idle:g}s with no answer outstanding; closed"
+                    await self._abort(context, Refusal(504, message), request_id)
                 if isinstance(item, BaseException):
                     if mismatch:  # the backend call was cancelled for it
                         await self._abort(context, Refusal(400, mismatch[0]), request_id)

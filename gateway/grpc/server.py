@@ -8,6 +8,7 @@ HTTP/2 (read when the port opens; a reload does not change them):
   is in (a message is an HTTP request's head and body at once): a client that opens streams and
   never sends is cut off (infer.py), instead of holding a stream,
 - `keepalive_timeout` how long a connection with no call stays open (grpc.max_connection_idle_ms),
+  and a stream that sends nothing while no answer is outstanding (infer.py),
 - `max_connections` how many calls one process serves at once (the rest get RESOURCE_EXHAUSTED).
 The ones that exist only in gRPC are named here once: concurrent streams per connection (HTTP/2's
 SETTINGS_MAX_CONCURRENT_STREAMS, RFC 9113 section 6.5.2) and keepalive pings, both ways: the server

@@ -55,12 +55,14 @@ REFUSED = {
 
 
 class GrpcFrontDoor:
-    def __init__(self, pipeline: Pipeline, metadata: Metadata, first_message_timeout: float) -> None:
+    def __init__(
+        self, pipeline: Pipeline, metadata: Metadata, first_message_timeout: float, idle_timeout: float
+    ) -> None:
         self.pipeline = pipeline
         self.metadata = metadata
         self.channels = Channels()
         self.internal_errors = 0
-        self.inference = Inference(pipeline, self.channels, self.abort, first_message_timeout)
+        self.inference = Inference(pipeline, self.channels, self.abort, first_message_timeout, idle_timeout)
 
     @property
     def mirrors(self) -> Mirrors:
