@@ -116,16 +116,15 @@ def main() -> int:
             servers.append(
                 start_repository_server(backend.port, grpc_port=backend.grpc_port, log_path=log_path)
             )
-        serve = [
-            "serve",
-            "--config",
-            args.routes,
-            "--port",
-            str(args.port),
+        serve = ["serve", "--config", args.routes, "--port", str(args.port)]
+        serve += [
             "--grpc-port",
             str(args.grpc_port),
+            "--admin-port",
+            str(args.admin_port),
+            "--state-dir",
+            str(state_dir),
         ]
-        serve += ["--admin-port", str(args.admin_port), "--state-dir", str(state_dir)]
         gateway = subprocess.Popen(
             gateway_command(*serve),
             start_new_session=True,  # Ctrl-C reaches us only; we stop the gateway gracefully ourselves
