@@ -20,9 +20,9 @@ RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin gate
 ENV XDG_STATE_HOME=/var/lib/gateway
 COPY --from=build /opt/gateway /opt/gateway
 USER gateway
-# 8080: client traffic (KServe v2). 8081: admin API, metrics and dashboard; publish it only to trusted
-# networks (docker-compose.yml binds it to the host's 127.0.0.1).
-EXPOSE 8080 8081
+# 8080: client traffic (KServe v2 over HTTP), 8001: the same over gRPC. 8081: admin API, metrics and
+# dashboard; publish it only to trusted networks (docker-compose.yml binds it to the host's 127.0.0.1).
+EXPOSE 8080 8001 8081
 # gateway serve drains in-flight requests on SIGTERM (up to --shutdown-timeout, 30 s) before exiting.
 STOPSIGNAL SIGTERM
 CMD ["gateway", "serve", "--config", "/etc/gateway/routes.yaml", "--host", "0.0.0.0"]

@@ -38,6 +38,7 @@ class LocalBackend:
     name: str
     port: int
     targets: tuple[tuple[str, int], ...]
+    grpc_port: int | None = None  # from grpc_url, when the routes file gives one
 
 
 def _expand(text: str) -> str:
@@ -55,6 +56,7 @@ def _mapping(value: Any, where: str) -> Mapping[str, Any]:
 def local_backends(routes: Mapping[str, Any]) -> list[LocalBackend]:
     """The backends on this machine and the Triton targets each must host, from a parsed routes file."""
     ports: dict[str, int] = {}
+    grpc_ports: dict[str, int | None] = {}
     for name, backend in _mapping(routes.get("backends"), "backends").items():
         url = _expand(str(_mapping(backend, f"backend {name}").get("url", "")))
         parts = urlsplit(url)
@@ -63,6 +65,9 @@ def local_backends(routes: Mapping[str, Any]) -> list[LocalBackend]:
         if parts.port is None:
             raise RoutesError(f"backend {name}: url {url!r} needs an explicit port to be started locally")
         ports[name] = parts.port
+        grpc_url = _expand(str(_mapping(backend, f"backend {name}").get("grpc_url", "")))
+        if grpc_url:
+            grpc_ports[name] = urlsplit(grpc_url if "://" in grpc_url else "grpc://" + grpc_url).port
 
     targets: dict[str, dict[str, tuple[int, str]]] = {name: {} for name in ports}
     for model_name, model in _mapping(routes.get("models"), "models").items():
@@ -88,7 +93,9 @@ def local_backends(routes: Mapping[str, Any]) -> list[LocalBackend]:
             targets[backend][triton_model] = (number, where)
 
     return [
-        LocalBackend(name, ports[name], tuple((m, n) for m, (n, _) in sorted(hosted.items())))
+        LocalBackend(
+            name, ports[name], tuple((m, n) for m, (n, _) in sorted(hosted.items())), grpc_ports.get(name)
+        )
         for name, hosted in targets.items()
         if hosted
     ]
@@ -120,6 +127,7 @@ def _up(args: argparse.Namespace) -> int:
     specs = []
     for b in backends:
         grpc, metrics = _side_ports(b.port)
+        grpc = b.grpc_port or grpc
         specs.append(VersionSpec(b.targets, b.port, grpc, metrics, log_path=log_dir / f"{b.name}.log"))
 
     stop = threading.Event()

@@ -64,7 +64,8 @@ def start_gateway(sup: Supervisor, name: str, routes: str, core: int | None) -> 
     path.write_text(routes)
     port, admin = free_port(), free_port()
     argv = [str(GATEWAY), "serve", "--config", str(path), "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--admin-port", str(admin), "--state-dir", str(sup.workdir / f"state-{name}")]
+    argv += ["--grpc-port", "0", "--admin-port", str(admin)]
+    argv += ["--state-dir", str(sup.workdir / f"state-{name}")]
     child = sup.start(name, ["env", f"GATEWAY_ADMIN_TOKEN=bench:{ADMIN_TOKEN}", *argv], core)
     wait_for_port(port, child, timeout=20)
     wait_for_port(admin, child, timeout=20)

@@ -105,7 +105,7 @@ def start_gateway(
     routes.write_text(ROUTES_YAML.format(backend_port=backend_port))
     target.port = free_port()
     argv = [str(gateway), "serve", "--config", str(routes), "--host", "127.0.0.1"]
-    argv += ["--port", str(target.port), "--workers", "1"]
+    argv += ["--port", str(target.port), "--workers", "1", "--grpc-port", "0"]
     # Its own admin port and state directory, as in production, without colliding with a running gateway.
     argv += ["--admin-port", str(free_port()), "--state-dir", str(routes.parent / f"state-{target.key}")]
     argv += extra_args

@@ -102,6 +102,7 @@ def main() -> int:
     parser.add_argument("--routes", default="routes.yaml")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--admin-port", type=int, default=8081)
+    parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--log-dir", default=str(REPO / "run"))
     args = parser.parse_args()
     log_dir = Path(args.log_dir)
@@ -130,9 +131,20 @@ def main() -> int:
             knobs = knobs_dir / f"{backend.name}.json"
             write_knobs(knobs, Knobs())  # every run starts healthy, whatever a demo left behind
             log_path = log_dir / f"{backend.name}.log"
-            servers.append(start_repository_server(backend.port, log_path=log_path, knobs_file=knobs))
+            servers.append(
+                start_repository_server(
+                    backend.port, grpc_port=backend.grpc_port, log_path=log_path, knobs_file=knobs
+                )
+            )
         serve = ["serve", "--config", args.routes, "--port", str(args.port)]
-        serve += ["--admin-port", str(args.admin_port), "--state-dir", str(state_dir)]
+        serve += [
+            "--grpc-port",
+            str(args.grpc_port),
+            "--admin-port",
+            str(args.admin_port),
+            "--state-dir",
+            str(state_dir),
+        ]
         gateway = subprocess.Popen(
             gateway_command(*serve),
             start_new_session=True,  # Ctrl-C reaches us only; we stop the gateway gracefully ourselves
@@ -147,6 +159,7 @@ def main() -> int:
             targets = ", ".join(f"{m}/{n}" for m, n in backend.targets)
             print(f"  backend {backend.name}: {targets} at {server.url}")
         print(f"\ngateway: http://127.0.0.1:{args.port}  (e.g. POST /v2/models/fraud-detector/infer)")
+        print(f"gRPC:    127.0.0.1:{args.grpc_port}  (tritonclient.grpc, KServe v2 GRPCInferenceService)")
         print(f"admin:   {admin}/api/status  (metrics: /metrics, API: /openapi.json)")
         print(f"         token: $GATEWAY_ADMIN_TOKEN, or the file {state_dir / 'admin-token'}")
         print(f"dashboard: {dashboard_url(admin, state_dir)}")

@@ -44,6 +44,7 @@ class GatewayProcess:
     extra_args: list[str] = field(default_factory=list)
     port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
+    grpc_port: int = 0  # 0: no gRPC port (the default 8001 would clash between tests)
     admin_token: str = "test-admin-token"
     more_tokens: str = ""  # further GATEWAY_ADMIN_TOKEN entries, e.g. "viewer:viewer-secret:read"
     process: subprocess.Popen[bytes] | None = None
@@ -70,6 +71,7 @@ class GatewayProcess:
         argv = [sys.executable, "-m", "gateway", "serve", "--config", str(self.routes_path)]
         argv += ["--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)]
         argv += ["--admin-port", str(self.admin_port), "--state-dir", str(self.directory / "state")]
+        argv += ["--grpc-port", str(self.grpc_port)]
         argv += self.extra_args
         tokens = ",".join(t for t in (f"tester:{self.admin_token}", self.more_tokens) if t)
         env = {**os.environ, "GATEWAY_ADMIN_TOKEN": tokens}
@@ -77,6 +79,8 @@ class GatewayProcess:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         try:
             wait_for_port(self.port, process=self.process)
+            if self.grpc_port:
+                wait_for_port(self.grpc_port, process=self.process)
             if "--no-admin" not in self.extra_args:
                 wait_for_port(self.admin_port, process=self.process)
             if self.workers > 1:

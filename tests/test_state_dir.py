@@ -102,7 +102,7 @@ def test_gateway_serve_refuses_an_unsafe_state_dir_with_the_reason(tmp_path: Pat
     (tmp_path / "state").symlink_to(tmp_path / "real")
     argv = [sys.executable, "-m", "gateway", "serve", "--config", str(tmp_path / "routes.yaml")]
     argv += ["--host", "127.0.0.1", "--port", str(free_port()), "--admin-port", str(free_port())]
-    argv += ["--state-dir", str(tmp_path / "state")]
+    argv += ["--state-dir", str(tmp_path / "state"), "--grpc-port", "0"]
     env = {**os.environ, "GATEWAY_ADMIN_TOKEN": TOKEN}
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
     assert done.returncode == 1

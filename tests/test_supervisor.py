@@ -145,7 +145,7 @@ def test_a_worker_that_cannot_bind_at_the_first_start_stops_the_gateway_with_the
         taken.listen()
         port = taken.getsockname()[1]
         argv = [sys.executable, "-m", "gateway", "serve", "--config", str(tmp_path / "routes.yaml")]
-        argv += ["--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
+        argv += ["--host", "127.0.0.1", "--port", str(port), "--workers", "2", "--grpc-port", "0"]
         argv += ["--admin-port", str(free_port()), "--state-dir", str(tmp_path / "state")]
         env = {**os.environ, "GATEWAY_ADMIN_TOKEN": "tester:test-admin-token"}
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO, env=env)

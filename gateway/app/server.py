@@ -43,6 +43,7 @@ class ServeOptions:
     config: str
     host: str = "0.0.0.0"
     port: int = 8080
+    grpc_port: int = 8001  # Triton's; 0: no gRPC port
     workers: int = 1
     reuse_port: bool = False
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
@@ -150,6 +151,13 @@ async def serve_single(table: RouteTable, options: ServeOptions) -> None:
     sock = listen_socket(options.host, options.port, options.reuse_port)
     server = await worker.loop.create_server(worker.connection, sock=sock)
     log.info("serving %s on http://%s:%d (pid %d)", options.config, options.host, options.port, os.getpid())
+    if options.grpc_port:
+        try:
+            bound = await worker.serve_grpc(options.host, options.grpc_port, options.reuse_port)
+        except OSError:
+            server.close()
+            raise
+        log.info("serving gRPC (KServe v2) on %s:%d (pid %d)", options.host, bound, os.getpid())
 
     async def reload_here() -> None:
         worker.reload("admin")

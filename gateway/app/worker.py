@@ -20,6 +20,8 @@ from typing import Any
 
 from gateway.access.admission import Admission
 from gateway.artifacts.guard import VersionGuard
+from gateway.grpc.server import GrpcPort
+from gateway.grpc.service import GrpcFrontDoor
 from gateway.pipeline.flow import Pipeline
 from gateway.pipeline.http import HttpFrontDoor
 from gateway.pipeline.metadata import Metadata
@@ -82,6 +84,7 @@ class Worker:
             self.pipeline,
             Metadata(lambda: self.pipeline.snapshot, self.health.settled, self.versions.describe),
         )
+        self.grpc: GrpcPort | None = None  # the gRPC port, once serve_grpc opened it
         settings = table.server
         resolution = resolution_for(
             settings.header_timeout, settings.body_timeout, settings.keepalive_timeout
@@ -101,6 +104,17 @@ class Worker:
     def connection(self) -> ClientConnection:
         """A protocol for a new client connection, with the current table's server limits."""
         return ClientConnection(self.front_door, self.table.server, self.connections, self.budget)
+
+    async def serve_grpc(self, host: str, port: int, reuse_port: bool) -> int:
+        """Open the gRPC port on the same pipeline as HTTP; returns the port bound."""
+        settings = self.table.server
+        # A request message is an HTTP request's head and body at once: it gets both their times.
+        first_message = settings.header_timeout + settings.body_timeout
+        front_door = GrpcFrontDoor(
+            self.pipeline, self.front_door.metadata, first_message, settings.keepalive_timeout
+        )
+        self.grpc = GrpcPort(front_door, settings, reuse_port)
+        return await self.grpc.start(host, port)
 
     @property
     def table(self) -> RouteTable:
@@ -124,6 +138,8 @@ class Worker:
         log.info("shutting down: %d open connection(s)", len(self.connections))
         for server in servers:
             server.close()
+        grpc_stopped = self.grpc.stop(self.options.shutdown_timeout) if self.grpc is not None else None
+        grpc_stopping = self.loop.create_task(grpc_stopped) if grpc_stopped is not None else None
         for conn in self.connections:
             conn.shutdown()
         deadline = self.loop.time() + self.options.shutdown_timeout
@@ -135,6 +151,8 @@ class Worker:
                 len(self.connections),
                 self.options.shutdown_timeout,
             )
+        if grpc_stopping is not None:
+            await grpc_stopping
         self._watcher.stop()
         publisher.cancel()
         controller.cancel()
@@ -270,6 +288,9 @@ class Worker:
 
     def snapshot(self) -> records.WorkerSnapshot:
         snapshot, admission, mirrors = self.pipeline.snapshot, self.admission, self.front_door.mirrors
+        grpc = self.grpc.front_door if self.grpc is not None else None
+        grpc_mirrors = (grpc.mirrors.in_flight, grpc.mirrors.skipped) if grpc is not None else (0, 0)
+        grpc_errors = grpc.internal_errors if grpc is not None else 0
 
         def health(h: Health) -> records.HealthEntry:
             return records.HealthEntry(h.ready, h.detail, h.checked_at)
@@ -289,7 +310,11 @@ class Worker:
             ),
             splits={name: dict(snapshot.split_of(name)) for name in snapshot.table.models},
             stats=self.stats.snapshot(),
-            mirrors=records.Mirrors(mirrors.in_flight, mirrors.skipped, mirrors.comparer.figures()),
+            mirrors=records.Mirrors(
+                mirrors.in_flight + grpc_mirrors[0],
+                mirrors.skipped + grpc_mirrors[1],
+                mirrors.comparer.figures(),
+            ),
             connections=len(self.connections),
             admission=records.AdmissionView(
                 store_url=redacted(self.store.url),
@@ -305,7 +330,7 @@ class Worker:
                 ),
             ),
             rollouts=records.RolloutsView(self.rollouts.leader, dict(self.rollouts.records)),
-            internal_errors=self.front_door.internal_errors,
+            internal_errors=self.front_door.internal_errors + grpc_errors,
             audit_failures=self.audit_log.failures,
             schema_gate=self.versions.view(),
         )

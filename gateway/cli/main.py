@@ -47,6 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
         config=args.config,
         host=args.host,
         port=args.port,
+        grpc_port=args.grpc_port,
         workers=args.workers,
         reuse_port=args.reuse_port,
         shutdown_timeout=args.shutdown_timeout,
@@ -64,6 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"{args.config} contradicts the version registry; not serving, fix it first", file=sys.stderr)
         return 1
     argv = ["serve", "--config", args.config, "--host", args.host, "--port", str(args.port)]
+    argv += ["--grpc-port", str(args.grpc_port)]
     argv += ["--shutdown-timeout", str(args.shutdown_timeout), "--log-level", args.log_level]
     if args.no_stats:
         argv.append("--no-stats")
@@ -88,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default="routes.yaml", help="routes file (default: routes.yaml)")
     serve.add_argument("--host", default="0.0.0.0", help="client address to listen on (default: all)")
     serve.add_argument("--port", type=int, default=8080, help="client port (default: 8080)")
+    serve.add_argument(
+        "--grpc-port", type=int, default=8001, help="KServe v2 gRPC client port (default: 8001; 0: none)"
+    )
     serve.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -53,7 +53,15 @@ __all__ = ["ConfigError", "ConfigIssue", "load_table", "parse_table"]
 T = TypeVar("T")
 
 TOP_KEYS = ("backends", "models", "keys", "store", "server")
-BACKEND_KEYS = ("url", "timeout", "connect_timeout", "max_connections", "queue_timeout", "max_queue")
+BACKEND_KEYS = (
+    "url",
+    "timeout",
+    "connect_timeout",
+    "max_connections",
+    "queue_timeout",
+    "max_queue",
+    "grpc_url",
+)
 MODEL_KEYS = ("versions", "aliases", "split", "sticky", "mirror", "rollout", "limit")
 VERSION_KEYS = ("backend", "target", "metadata", "archive", "allow_schema_change")
 MIRROR_KEYS = ("to", "percent")
@@ -253,11 +261,15 @@ def _backend(r: _Reader, name: str, item: Entry) -> Backend | None:
         r.report(item.key_node, f"{what} has no url; add url: http://HOST:PORT")
         return None
     address = r.value(url.value, f"url of {what}", units.backend_url)
+    grpc_url = settings.get("grpc_url")
+    grpc: tuple[str, int] | None = ("", 0)
+    if grpc_url is not None and not is_null(grpc_url.value):
+        grpc = r.value(grpc_url.value, f"grpc_url of {what}", units.grpc_url)
     values = r.settings(settings, what, BACKEND_SETTINGS, Backend("", "", 0))
-    if address is None or values is None:
+    if address is None or grpc is None or values is None:
         return None
     host, port = address
-    return Backend(name, host, port, **values)
+    return Backend(name, host, port, **values, grpc_host=grpc[0], grpc_port=grpc[1])
 
 
 def _models(r: _Reader, root: Node, entry: Entry | None, backends: tuple[str, ...]) -> dict[str, Model]:

@@ -64,6 +64,17 @@ class Backend:
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # pooled keep-alive connections, idle and busy together
     queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
     max_queue: int = DEFAULT_MAX_QUEUE
+    # Triton's gRPC port (`grpc_url`), for the gRPC front door; "" and 0 when the backend has none.
+    grpc_host: str = ""
+    grpc_port: int = 0
+
+    @property
+    def grpc_address(self) -> str:
+        """`host:port` for a gRPC channel, "" when the backend has no grpc_url."""
+        if not self.grpc_port:
+            return ""
+        host = f"[{self.grpc_host}]" if ":" in self.grpc_host else self.grpc_host
+        return f"{host}:{self.grpc_port}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -206,6 +206,31 @@ def backend_url(text: str) -> tuple[str, int]:
     return parts.hostname, port or 80
 
 
+def grpc_url(text: str) -> tuple[str, int]:
+    """Triton's gRPC address: `grpc://HOST:PORT` or `HOST:PORT` (as tritonclient.grpc takes it)."""
+    stripped = text.strip()
+    shown = f"'{text}'" if "@" not in text else "the URL given"
+    scheme, sep, _ = stripped.partition("://")
+    if sep and scheme.lower() in ("grpcs", "https"):
+        raise ValueError("uses TLS, which is not supported yet for backends; use grpc://HOST:PORT")
+    if sep and scheme.lower() != "grpc":
+        raise ValueError(f"must be grpc://HOST:PORT or HOST:PORT like 127.0.0.1:8001, not {shown}")
+    parts = urlsplit(stripped if sep else "grpc://" + stripped)
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not contain a user name or password")
+    if not parts.hostname:
+        raise ValueError(f"has no host: {shown}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"has an invalid port: {shown}") from None
+    if not port:
+        raise ValueError(f"needs a port (Triton's gRPC port is 8001 by default): {shown}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"must be just HOST:PORT; gRPC names its methods itself, not {shown}")
+    return parts.hostname, port
+
+
 def at_least_one(text: str) -> int:
     return integer(text, 1)
 
