@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from gateway.store.base import HISTORY_LIMIT, KeyRecord, Published, Revoked, coalesced
-from gateway.store.gcra import Bucket, Verdict, check_all
+from gateway.store.gcra import Answer, Bucket, Verdict, check_all, summarize
 
 MIN_SWEEP: Final = 1024  # below this many buckets a sweep would cost more than it saves
 
@@ -32,6 +32,21 @@ class MemoryStore:
         self._leases: dict[str, tuple[str, int, float]] = {}  # name -> (holder, fencing token, expiry)
         self._lease_tokens: dict[str, int] = {}  # name -> the last token handed out
         self._states: dict[str, str] = {}
+
+    def admit_now(self, limits: Sequence[Bucket]) -> Answer:
+        """Always decided at once: the embedded store has no round trip to wait for."""
+        now = self._clock()
+        if len(self._tats) >= self._sweep_at:
+            self._sweep(now)
+        tats = self._tats
+        admitted, new_tats, verdicts = check_all([tats.get(x.bucket, 0.0) for x in limits], now, limits)
+        if admitted:
+            for limit, tat in zip(limits, new_tats, strict=True):
+                tats[limit.bucket] = tat
+        return summarize(admitted, verdicts)
+
+    async def admit(self, limits: Sequence[Bucket]) -> Answer:
+        return self.admit_now(limits)
 
     async def check_limits(self, requests: Sequence[Sequence[Bucket]]) -> list[tuple[bool, list[Verdict]]]:
         now = self._clock()

@@ -39,10 +39,12 @@ from redis.maint_notifications import MaintNotificationsConfig
 from gateway.routing.table import DEFAULT_STORE_TIMEOUT
 from gateway.store.base import KeyRecord, Published, Revoked, StoreUnavailable, redacted
 from gateway.store.gcra import Bucket, Verdict, check_all
+from gateway.store.leases import Answer
 from gateway.store.redis_layout import (
     CHANNEL,
     DELETE_KEY,
     GCRA,
+    GCRA_LEASE,
     GET_STATS,
     HEARTBEAT,
     HEARTBEATS,
@@ -61,6 +63,7 @@ from gateway.store.redis_layout import (
     load_record,
     state_key,
 )
+from gateway.store.redis_leases import LeasedLimits
 from gateway.store.registry_layout import ADD_EVENT, HISTORY_LIMIT, REGISTER, history_key, versions_key
 
 log = logging.getLogger(__name__)
@@ -137,8 +140,20 @@ class RedisStore:
         else:
             raise ValueError(f"not a Redis URL: {self._where}")
         self._client: Redis | RedisCluster = self._cluster or self._new_client(0)
+        self.leases = LeasedLimits(self._lease_call, self._slot)
 
-    # ---- rate limits ----
+    # ---- rate limits through leases (gateway.store.redis_leases), what admission uses ----
+
+    def admit_now(self, limits: Sequence[Bucket]) -> Answer | None:
+        return self.leases.admit_now(limits)
+
+    async def admit(self, limits: Sequence[Bucket]) -> Answer:
+        return await self.leases.admit(limits)
+
+    async def _lease_call(self, keys: list[str], args: list[str | int]) -> Any:
+        return await self._guard("lease", self._eval(GCRA_LEASE, keys, args))
+
+    # ---- rate limits, one exact check per request ----
 
     async def check_limits(self, requests: Sequence[Sequence[Bucket]]) -> list[LimitAnswer]:
         if not requests:
@@ -337,9 +352,11 @@ class RedisStore:
     # ---- processes, health ----
 
     async def heartbeat(self, process_id: str, ttl: float) -> int:
-        return int(
+        live = int(
             await self._guard("heartbeat", self._eval(HEARTBEAT, [HEARTBEATS], [process_id, repr(ttl)]))
         )
+        self.leases.processes = live  # they share each bucket's LEASE_SHARE
+        return live
 
     # ---- statistics, leases, rollout state ----
 
@@ -407,6 +424,8 @@ class RedisStore:
         return time.perf_counter() - start
 
     async def close(self) -> None:
+        await self.leases.close()
+        await self.leases.give_back()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

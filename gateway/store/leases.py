@@ -1,0 +1,165 @@
+"""Token leases: a process takes a stretch of a GCRA bucket's capacity in one store call and serves
+requests from it locally, exactly.
+
+A GCRA bucket is one number, its TAT (gateway.store.gcra). Every admitted request takes the next slot
+of the bucket's time line: slot = max(TAT, now), TAT = slot + interval, admitted only if
+slot - now <= tolerance. Counting the slots proves GCRA's bound: requests admitted at times in any
+window [a, b] have distinct slots, `interval` apart, in [a, b + tolerance], so there are at most
+floor((b - a) / interval) + burst of them.
+
+A lease keeps that proof. The store charges k slots at once (TAT advances by k intervals, atomically,
+so two processes never get the same slot), and the process hands them out one per request, each
+subject to the same two conditions a request checked in the store would meet:
+  - slot >= the request's arrival (in the store's clock): a slot already in the past is never used,
+    so a lease held back and spent later cannot bunch requests into a window;
+  - slot - now <= tolerance: true of every slot of a grant from the moment it is granted.
+So the requests of all processes together meet the bound above: no window admits more than the limit
+allows, however the leases are spread, and whatever a process that dies was holding (its slots pass
+unused). What is left unused is capacity lost, never capacity added; `LEASE_SHARE` bounds it.
+
+Clocks: slots are on the store's clock. The offset from this process's monotonic clock is taken from
+each grant, against when the call was *sent*, so it is an upper bound of the store's time (the reply
+was made after the call left): a slot that passes the check here has certainly not passed there.
+
+Everything here is pure bookkeeping with time given as data; the store (gateway.store.redis) does I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Final
+
+from gateway.store.gcra import Answer as Answer  # re-exported: what leases decide
+
+# A lease is sized for this much of the process's own demand on the bucket: long enough that the
+# store sees one call per a few hundred requests at tens of thousands of requests per second, short
+# enough that a lease never outlives `LEASE_LIFETIME`.
+LEASE_SPAN: Final = 0.025  # seconds
+# A lease is not used past this long after it was asked for, whatever it has left: how long a lease can
+# keep admitting after the store went away (fail_closed answers 503 once it lapses; docs/operations.md).
+LEASE_LIFETIME: Final = 0.05  # seconds
+# All processes' leases of one bucket together hold at most this share of its burst: the capacity that
+# an idle or dead process can strand.
+LEASE_SHARE: Final = 0.125
+# A bucket whose lease would hold fewer tokens (a slow bucket, or a small burst shared by many
+# processes) is checked in the store per request, as before leases.
+MIN_LEASE: Final = 2
+RATE_WINDOW: Final = 0.25  # seconds over which a bucket's own demand is measured
+
+
+def lease_size(rate: float, burst: int, own_rate: float, processes: int) -> int:
+    """Tokens to take beyond the requests waiting now; 0: check this bucket per request.
+
+    A lease from a bucket that is not behind starts at the store's `now`, so time uses it up as much as
+    requests do: to last `LEASE_SPAN` it must span that much of the bucket's time line, rate x span
+    tokens, whatever the process's own rate. Its own rate decides whether a lease is worth taking at
+    all (would it serve `MIN_LEASE` requests?), and `LEASE_SHARE` bounds what all processes hold.
+    """
+    cap = math.floor(burst * LEASE_SHARE / max(1, processes))
+    if cap < MIN_LEASE or own_rate * LEASE_SPAN < MIN_LEASE:
+        return 0
+    return min(cap, math.ceil(max(rate, own_rate) * LEASE_SPAN))
+
+
+@dataclass(slots=True)
+class Lease:
+    """Slots start, start + interval, ..., start + (count - 1) x interval of one bucket, this process's."""
+
+    start: float  # store clock
+    count: int
+    interval: float
+    offset: float  # store time <= local monotonic time + offset (from the call's send time)
+    lapses: float  # local monotonic time; not used from then on
+    tat: float  # the bucket's TAT right after the grant: this lease's end, unless others took more since
+    tat_text: str  # the same as the store wrote it: a give-back applies only while the TAT is still this
+    used: int = 0  # slots before this index are spent or passed
+
+    def first_free(self, arrived: float) -> int:
+        """Index of the first slot a request that arrived at local time `arrived` may take."""
+        store_time = arrived + self.offset
+        if store_time <= self.start:
+            return self.used
+        index = math.ceil((store_time - self.start) / self.interval)
+        if self.start + index * self.interval < store_time:  # rounding: never a slot before arrival
+            index += 1
+        return max(self.used, index)
+
+    def left(self, arrived: float, now: float) -> int:
+        """Slots a request arriving at `arrived` could still take, at local time `now`."""
+        return self.count - self.first_free(arrived) if now < self.lapses else 0
+
+    def ahead(self, now: float) -> int:
+        """Slots not yet passed at local time `now`, lapsed or not: what could be given back."""
+        return self.count - self.first_free(now)
+
+    def retire(self, now: float) -> None:
+        """Use no more of it (it is being given back): the slots from `used` on are no longer ours."""
+        self.used = self.first_free(now)
+        self.lapses = now
+
+    def next_slot(self) -> float:
+        """The first slot not used: where a give-back puts the bucket's TAT."""
+        return self.start + self.used * self.interval
+
+
+class Meter:
+    """A bucket's own demand in this process: requests per second over the last full window."""
+
+    __slots__ = ("count", "rate", "since")
+
+    def __init__(self, now: float) -> None:
+        self.since = now
+        self.count = 0
+        self.rate = 0.0
+
+    def hit(self, now: float) -> None:
+        elapsed = now - self.since
+        if elapsed >= RATE_WINDOW:
+            self.rate = self.count / elapsed
+            self.since, self.count = now, 0
+        self.count += 1
+
+    def per_second(self, now: float) -> float:
+        elapsed = now - self.since
+        current = self.count / elapsed if elapsed >= RATE_WINDOW / 4 else 0.0
+        return max(self.rate, current)
+
+
+class Holding:
+    """What this process holds of one bucket: the lease in use and the one taken to follow it."""
+
+    __slots__ = ("current", "following", "meter", "refilling")
+
+    def __init__(self, now: float) -> None:
+        self.current: Lease | None = None
+        self.following: Lease | None = None
+        self.meter = Meter(now)
+        self.refilling = False  # a refill call is on its way
+
+    def usable(self, arrived: float, now: float) -> Lease | None:
+        """The lease a request arriving at `arrived` takes its slot from; None when none has one."""
+        lease = self.current
+        while lease is not None:
+            if now < lease.lapses and lease.first_free(arrived) < lease.count:
+                return lease
+            self.current, self.following = self.following, None
+            lease = self.current
+        return None
+
+    def add(self, lease: Lease) -> None:
+        if self.current is None or self.current.used >= self.current.count:
+            self.current = lease
+        else:
+            self.following = lease
+
+    def left(self, arrived: float, now: float) -> int:
+        return sum(x.left(arrived, now) for x in (self.current, self.following) if x is not None)
+
+
+def take(lease: Lease, arrived: float) -> int:
+    """Spend the first free slot for a request that arrived at `arrived` (the caller checked `usable`);
+    returns how many slots the lease has left after it."""
+    index = lease.first_free(arrived)
+    lease.used = index + 1
+    return lease.count - lease.used

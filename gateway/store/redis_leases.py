@@ -1,0 +1,291 @@
+"""Rate limits on Redis through token leases (gateway.store.leases): most requests are decided from
+what this process holds, with no await; the rest wait for one refill call shared by the moment.
+
+`admit_now` is the fast path: every bucket of the request has a slot in a live lease, so the request
+is admitted here and then, synchronously. When a lease is half spent a refill is sent ahead, so a
+steady stream of requests seldom has to wait. `admit` is the slow path: it queues the request, and the
+first of a loop tick schedules one flush that takes, for every bucket the queued requests need, what
+they need plus a lease (`lease_size`; none for slow buckets, which are so checked per request) and
+gives back the unused tail of any lease that lapsed with slots left; one script call per cluster slot,
+all of them at once. The queued requests are then decided in order against what came back,
+all-or-nothing over their buckets: a request refused by one bucket takes no slot of the others, and
+what a slow bucket was granted for it goes back in the next call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from gateway.store.base import StoreUnavailable
+from gateway.store.gcra import Bucket
+from gateway.store.leases import LEASE_LIFETIME, Answer, Holding, Lease, lease_size, take
+from gateway.store.redis_layout import bucket_key
+
+log = logging.getLogger(__name__)
+Queued = tuple[Sequence[Bucket], float, "asyncio.Future[Answer]"]
+MIN_SWEEP = 1024  # holdings kept before idle ones are dropped
+
+
+class _Seen:
+    """What the latest reply said of a bucket, for the Retry-After and reset of a refusal."""
+
+    __slots__ = ("local", "now", "tat", "tolerance")
+
+    def __init__(self, now: float, tat: float, tolerance: float, local: float) -> None:
+        self.now, self.tat, self.tolerance, self.local = now, tat, tolerance, local
+
+
+class LeasedLimits:
+    def __init__(
+        self,
+        call: Callable[[list[str], list[str | int]], Awaitable[Any]],
+        slot: Callable[[str], int],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._call = call  # one GCRA_LEASE call: (keys, args) -> reply; raises StoreUnavailable
+        self._slot = slot
+        self._clock = clock
+        self._holdings: dict[str, Holding] = {}
+        self._seen: dict[str, _Seen] = {}
+        self._queued: list[Queued] = []
+        self._prefetch: dict[str, Bucket] = {}
+        self._returns: dict[str, Lease] = {}  # bucket -> a lease whose unused tail goes back
+        self._flushing = False
+        self._sweep_at = MIN_SWEEP
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.processes = 1  # live gateway processes, from the heartbeats: all of them share LEASE_SHARE
+        self.calls = 0  # script calls sent (for tests and the benchmark)
+
+    # ---- the fast path ----
+
+    def admit_now(self, limits: Sequence[Bucket]) -> Answer | None:
+        """The decision from leases held, or None: then `await admit(limits)`."""
+        now = self._clock()
+        holdings = self._holdings
+        leases = []
+        for limit in limits:
+            holding = holdings.get(limit.bucket)
+            if holding is None:
+                holding = holdings[limit.bucket] = Holding(now)
+            holding.meter.hit(now)
+            leases.append(holding.usable(now, now))
+        if None in leases:
+            return None
+        tightest, remaining, reset = 0, 0, 0.0
+        for i, lease in enumerate(leases):
+            assert lease is not None
+            left = take(lease, now)
+            holding = holdings[limits[i].bucket]
+            if holding.following is not None:
+                left += holding.following.left(now, now)
+            elif left * 2 < lease.count and not holding.refilling:
+                self._ask_ahead(limits[i])
+            if i == 0 or left < remaining:
+                tightest, remaining = i, left
+                reset = lease.tat - (now + lease.offset)
+        return Answer(True, tightest, remaining, max(0.0, reset), 0.0)
+
+    def _ask_ahead(self, limit: Bucket) -> None:
+        self._holdings[limit.bucket].refilling = True
+        self._prefetch[limit.bucket] = limit
+        self._schedule()
+
+    # ---- the slow path ----
+
+    async def admit(self, limits: Sequence[Bucket]) -> Answer:
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._queued.append((limits, self._clock(), future))
+        self._schedule()
+        return await future
+
+    def _schedule(self) -> None:
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flushing = False
+        queued, self._queued = self._queued, []
+        prefetch, self._prefetch = self._prefetch, {}
+        returns, self._returns = self._returns, {}
+        task = asyncio.get_running_loop().create_task(self._refill(queued, prefetch, returns))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refill(
+        self, queued: list[Queued], prefetch: dict[str, Bucket], returns: dict[str, Lease]
+    ) -> None:
+        now = self._clock()
+        needed: dict[str, int] = {}
+        limits_by_name: dict[str, Bucket] = dict(prefetch)
+        for limits, _, _ in queued:
+            for limit in limits:
+                needed[limit.bucket] = needed.get(limit.bucket, 0) + 1
+                limits_by_name[limit.bucket] = limit
+        entries: list[tuple[Bucket, int, int]] = []  # (limit, want, extra)
+        for name, limit in limits_by_name.items():
+            holding = self._holdings.get(name) or self._holdings.setdefault(name, Holding(now))
+            lapsed = self._lapsed(holding, now)
+            if lapsed is not None:
+                returns.setdefault(name, lapsed)
+            extra = lease_size(limit.rate, limit.burst, holding.meter.per_second(now), self.processes)
+            want = max(0, needed.get(name, 0) - holding.left(now, now))
+            if want or (name in prefetch and holding.following is None):
+                want += extra
+            holding.refilling = True
+            entries.append((limit, want, extra))
+        for name, lease in returns.items():
+            if name not in limits_by_name:
+                entries.append((Bucket(name, 1.0 / lease.interval, 1), 0, 0))
+        try:
+            granted = await self._send(entries, returns, now)
+        except (Exception, asyncio.CancelledError) as exc:
+            for limit, _, _ in entries:
+                if limit.bucket in self._holdings:
+                    self._holdings[limit.bucket].refilling = False
+            if isinstance(exc, asyncio.CancelledError):
+                exc = StoreUnavailable("store closed")
+            for _, _, future in queued:
+                if not future.done():
+                    own = StoreUnavailable(*exc.args) if isinstance(exc, StoreUnavailable) else exc
+                    future.set_exception(own)
+            if not queued and not isinstance(exc, StoreUnavailable):
+                log.error("lease refill failed: %r", exc)
+            return
+        now = self._clock()
+        for limits, arrived, future in queued:
+            answer = self._decide(limits, arrived, now)
+            if not future.done():
+                future.set_result(answer)
+        # What a slow bucket got for requests that another bucket refused goes back with the next call.
+        for limit, _, extra in entries:
+            leftover = granted.get(limit.bucket)
+            if leftover is not None and extra == 0 and leftover.used < leftover.count:
+                leftover.retire(now)
+                self._returns[limit.bucket] = leftover
+                self._schedule()
+        if len(self._holdings) >= self._sweep_at:
+            self._sweep(now)
+
+    def _lapsed(self, holding: Holding, now: float) -> Lease | None:
+        """A lease past its lifetime that still has slots ahead: dropped, to be given back."""
+        lease = holding.current
+        if lease is None or now < lease.lapses or lease.ahead(now) <= 0:
+            return None
+        lease.retire(now)
+        holding.current, holding.following = holding.following, None
+        return lease
+
+    async def _send(
+        self, entries: list[tuple[Bucket, int, int]], returns: dict[str, Lease], now: float
+    ) -> dict[str, Lease]:
+        by_slot: dict[int, list[tuple[Bucket, int, int]]] = {}
+        for entry in entries:
+            by_slot.setdefault(self._slot(entry[0].bucket), []).append(entry)
+        groups = list(by_slot.items())
+        sent = self._clock()
+        calls = [self._one(group, returns) for _, group in groups]
+        self.calls += len(calls)
+        replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
+        granted: dict[str, Lease] = {}
+        for (_, group), reply in zip(groups, replies, strict=True):
+            store_now = float(reply[0])
+            offset = store_now - sent  # an upper bound of the store's clock (see leases.py)
+            for i, (limit, want, _) in enumerate(group):
+                start, count, tat = float(reply[1 + 3 * i]), int(reply[2 + 3 * i]), reply[3 + 3 * i]
+                interval = 1.0 / limit.rate
+                if want > 0:
+                    tolerance = (limit.burst - 1) * interval
+                    self._seen[limit.bucket] = _Seen(store_now, float(tat), tolerance, sent)
+                holding = self._holdings.get(limit.bucket)
+                if holding is None:
+                    continue
+                holding.refilling = False
+                if count > 0:
+                    lease = Lease(start, count, interval, offset, sent + LEASE_LIFETIME, float(tat), tat)
+                    holding.add(lease)
+                    granted[limit.bucket] = lease
+        return granted
+
+    async def _one(self, group: list[tuple[Bucket, int, int]], returns: dict[str, Lease]) -> Any:
+        keys: dict[str, int] = {}
+        args: list[str | int] = [len(group)]
+        for limit, want, _ in group:
+            index = keys.setdefault(bucket_key(limit.bucket), len(keys) + 1)
+            back = returns.get(limit.bucket)
+            end, start = ("", "") if back is None else (back.tat_text, repr(back.next_slot()))
+            args += [index, repr(float(limit.rate)), limit.burst, want, end, start]
+        return await self._call(list(keys), args)
+
+    def _decide(self, limits: Sequence[Bucket], arrived: float, now: float) -> Answer:
+        leases = []
+        for i, limit in enumerate(limits):
+            holding = self._holdings.get(limit.bucket)
+            lease = holding.usable(arrived, now) if holding is not None else None
+            if lease is None:
+                retry, reset = self._refusal(limit, now)
+                return Answer(False, i, 0, reset, retry)
+            leases.append(lease)
+        tightest, remaining, reset = 0, 0, 0.0
+        for i, lease in enumerate(leases):
+            left = take(lease, arrived)
+            if i == 0 or left < remaining:
+                tightest, remaining, reset = i, left, lease.tat - (now + lease.offset)
+        return Answer(True, tightest, remaining, max(0.0, reset), 0.0)
+
+    def _refusal(self, limit: Bucket, now: float) -> tuple[float, float]:
+        """(retry_after, reset_after) of a bucket that had no slot, from the latest reply about it."""
+        seen = self._seen.get(limit.bucket)
+        if seen is None:
+            return 1.0 / limit.rate, 1.0 / limit.rate
+        store_now = seen.now + (now - seen.local)
+        retry = max(seen.tat - store_now - seen.tolerance, 1.0 / limit.rate)
+        return retry, max(0.0, seen.tat - store_now)
+
+    def _sweep(self, now: float) -> None:
+        """Drop what is kept of buckets with no lease and no recent demand (a flood of client addresses)."""
+        keep = {}
+        for name, holding in self._holdings.items():
+            if holding.current is not None or holding.refilling or now - holding.meter.since < 1.0:
+                keep[name] = holding
+        self._holdings = keep
+        self._seen = {name: seen for name, seen in self._seen.items() if name in keep}
+        self._sweep_at = max(MIN_SWEEP, 2 * len(keep))
+
+    # ---- shutting down ----
+
+    def unused(self) -> dict[str, Lease]:
+        """Every lease with slots left, current or following, by bucket: what `close` gives back."""
+        now = self._clock()
+        out: dict[str, Lease] = {}
+        for name, holding in self._holdings.items():
+            for lease in (holding.following, holding.current):  # the later one is the tail, if either is
+                if lease is not None and lease.ahead(now) > 0:
+                    lease.retire(now)
+                    out[name] = lease
+                    break
+        return out
+
+    async def give_back(self) -> None:
+        """Give back every unused tail (a graceful stop); the leases are not used afterwards."""
+        returns = self.unused()
+        self._holdings.clear()
+        if returns:
+            entries = [(Bucket(name, 1.0 / lease.interval, 1), 0, 0) for name, lease in returns.items()]
+            try:
+                await self._send(entries, returns, self._clock())
+            except StoreUnavailable as exc:
+                log.warning("leases not given back: %s", exc)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for _, _, future in self._queued:
+            if not future.done():
+                future.set_exception(StoreUnavailable("store closed"))
+        self._queued = []
