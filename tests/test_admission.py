@@ -84,10 +84,12 @@ async def test_a_raising_store_reaches_the_failure_callback_instead_of_hanging()
     await store.put_key(record())
     admission = Admission(store, "fail_closed")
 
-    async def broken(requests: object) -> object:
+    async def broken(limits: object) -> object:
         raise ZeroDivisionError("a bug in the store")
 
-    store.check_limits = broken  # type: ignore[method-assign,assignment]
+    # The memory store decides at once; this one has to wait for the store, which then raises.
+    store.admit_now = lambda limits: None  # type: ignore[method-assign,assignment,return-value]
+    store.admit = broken  # type: ignore[method-assign,assignment]
     table = parse_table(ROUTES)
     policy = access_policy(table, table.models["fraud"])
     failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()

@@ -129,13 +129,16 @@ class Meter:
 class Holding:
     """What this process holds of one bucket: the lease in use and the one taken to follow it."""
 
-    __slots__ = ("current", "following", "meter", "refilling")
+    __slots__ = ("current", "following", "meter", "refilling", "refused_until")
 
     def __init__(self, now: float) -> None:
         self.current: Lease | None = None
         self.following: Lease | None = None
         self.meter = Meter(now)
         self.refilling = False  # a refill call is on its way
+        # Local time before which the store has no slot for anyone (its latest reply granted less than
+        # asked, and GCRA frees the next slot only then): requests are refused here, asking nobody.
+        self.refused_until = 0.0
 
     def usable(self, arrived: float, now: float) -> Lease | None:
         """The lease a request arriving at `arrived` takes its slot from; None when none has one."""

@@ -74,6 +74,11 @@ class LeasedLimits:
             holding.meter.hit(now)
             leases.append(holding.usable(now, now))
         if None in leases:
+            for i, limit in enumerate(limits):
+                if leases[i] is None and now < holdings[limit.bucket].refused_until:
+                    # All or nothing: refused by this one, so nothing is taken from the others.
+                    retry, reset = self._refusal(limit, now)
+                    return Answer(False, i, 0, reset, retry)
             return None
         tightest, remaining, reset = 0, 0, 0.0
         for i, lease in enumerate(leases):
@@ -195,7 +200,7 @@ class LeasedLimits:
         for (_, group), reply in zip(groups, replies, strict=True):
             store_now = float(reply[0])
             offset = store_now - sent  # an upper bound of the store's clock (see leases.py)
-            for i, (limit, want, _) in enumerate(group):
+            for i, (limit, want, extra) in enumerate(group):
                 start, count, tat = float(reply[1 + 3 * i]), int(reply[2 + 3 * i]), reply[3 + 3 * i]
                 interval = 1.0 / limit.rate
                 if want > 0:
@@ -205,11 +210,23 @@ class LeasedLimits:
                 if holding is None:
                     continue
                 holding.refilling = False
+                if want > 0:
+                    holding.refused_until = self._empty_until(limit, count < want, float(tat), offset, extra)
                 if count > 0:
                     lease = Lease(start, count, interval, offset, sent + LEASE_LIFETIME, float(tat), tat)
                     holding.add(lease)
                     granted[limit.bucket] = lease
         return granted
+
+    @staticmethod
+    def _empty_until(limit: Bucket, empty: bool, tat: float, offset: float, extra: int) -> float:
+        """Local time until which requests are refused here: a reply that granted less than asked left the
+        bucket empty, and GCRA frees its next slot at TAT - tolerance. A fast bucket waits for a lease's
+        worth of slots, which costs no capacity (they stay in the bucket) and saves a call per slot."""
+        if not empty:
+            return 0.0
+        interval = 1.0 / limit.rate
+        return tat - (limit.burst - 1) * interval + max(0, extra - 1) * interval - offset
 
     async def _one(self, group: list[tuple[Bucket, int, int]], returns: dict[str, Lease]) -> Any:
         keys: dict[str, int] = {}
