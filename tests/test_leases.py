@@ -148,7 +148,9 @@ def test_a_lease_is_never_used_past_its_lifetime_nor_for_a_slot_before_arrival()
     assert lease.first_free(49.0) == 0  # arrived (store time 99) before the first slot
     assert lease.first_free(50.025) == 3  # store time 100.025: slots 100.00..100.02 have passed
     assert lease.left(50.0, 0.99) == 10
-    assert lease.left(50.0, 1.0) == 0  # lapsed: LEASE_LIFETIME after it was asked for
+    assert lease.left(50.0, 1.0) == 0  # lapsed: LEASE_LIFETIME after the answer that granted it
+    lease.retire(50.025)
+    assert lease.given_back == pytest.approx(100.03) and lease.left(49.0, 0.0) == 0
     assert 0 < LEASE_LIFETIME <= 0.05
 
 

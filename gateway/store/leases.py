@@ -36,8 +36,9 @@ from gateway.store.gcra import Answer as Answer  # re-exported: what leases deci
 # store sees one call per a few hundred requests at tens of thousands of requests per second, short
 # enough that a lease never outlives `LEASE_LIFETIME`.
 LEASE_SPAN: Final = 0.025  # seconds
-# A lease is not used past this long after it was asked for, whatever it has left: how long a lease can
-# keep admitting after the store went away (fail_closed answers 503 once it lapses; docs/operations.md).
+# A lease is not used past this long after the store's answer that granted it, whatever it has left: how
+# long a lease can keep admitting after the store went away (fail_closed answers 503 once it lapses;
+# docs/operations.md). Exactness does not depend on it: a slot is never used before its time anyway.
 LEASE_LIFETIME: Final = 0.05  # seconds
 # All processes' leases of one bucket together hold at most this share of its burst: the capacity that
 # an idle or dead process can strand.
@@ -70,10 +71,11 @@ class Lease:
     count: int
     interval: float
     offset: float  # store time <= local monotonic time + offset (from the call's send time)
-    lapses: float  # local monotonic time; not used from then on
+    lapses: float  # local monotonic time (answer + LEASE_LIFETIME); not used from then on
     tat: float  # the bucket's TAT right after the grant: this lease's end, unless others took more since
     tat_text: str  # the same as the store wrote it: a give-back applies only while the TAT is still this
     used: int = 0  # slots before this index are spent or passed
+    given_back: float = 0.0  # once retired: where the slots not ours any more begin (store clock)
 
     def first_free(self, arrived: float) -> int:
         """Index of the first slot a request that arrived at local time `arrived` may take."""
@@ -94,13 +96,10 @@ class Lease:
         return self.count - self.first_free(now)
 
     def retire(self, now: float) -> None:
-        """Use no more of it (it is being given back): the slots from `used` on are no longer ours."""
-        self.used = self.first_free(now)
+        """Use no more of it, not even for a request that waited (its unused tail is being given back)."""
+        self.given_back = self.start + self.first_free(now) * self.interval
+        self.used = self.count
         self.lapses = now
-
-    def next_slot(self) -> float:
-        """The first slot not used: where a give-back puts the bucket's TAT."""
-        return self.start + self.used * self.interval
 
 
 class Meter:
@@ -127,37 +126,41 @@ class Meter:
 
 
 class Holding:
-    """What this process holds of one bucket: the lease in use and the one taken to follow it."""
+    """What this process holds of one bucket: its leases, oldest first (usually one, and the one taken
+    ahead to follow it), with how fast it is asked for."""
 
-    __slots__ = ("current", "following", "meter", "refilling", "refused_until")
+    __slots__ = ("leases", "meter", "refilling", "refused_until")
 
     def __init__(self, now: float) -> None:
-        self.current: Lease | None = None
-        self.following: Lease | None = None
+        self.leases: list[Lease] = []
         self.meter = Meter(now)
         self.refilling = False  # a refill call is on its way
         # Local time before which the store has no slot for anyone (its latest reply granted less than
         # asked, and GCRA frees the next slot only then): requests are refused here, asking nobody.
         self.refused_until = 0.0
 
-    def usable(self, arrived: float, now: float) -> Lease | None:
-        """The lease a request arriving at `arrived` takes its slot from; None when none has one."""
-        lease = self.current
-        while lease is not None:
-            if now < lease.lapses and lease.first_free(arrived) < lease.count:
+    @property
+    def current(self) -> Lease | None:
+        return self.leases[0] if self.leases else None
+
+    def usable(self, arrived: float, now: float, fresh: bool = False) -> Lease | None:
+        """The lease a request arriving at `arrived` takes its slot from; None when none has one.
+
+        `fresh`: for the requests that waited for the reply just in, whatever its lease's lifetime
+        (which bounds how long a lease outlives the store's last answer, not exactness)."""
+        leases = self.leases
+        while leases:
+            lease = leases[0]
+            if (fresh or now < lease.lapses) and lease.first_free(arrived) < lease.count:
                 return lease
-            self.current, self.following = self.following, None
-            lease = self.current
+            del leases[0]
         return None
 
     def add(self, lease: Lease) -> None:
-        if self.current is None or self.current.used >= self.current.count:
-            self.current = lease
-        else:
-            self.following = lease
+        self.leases.append(lease)
 
     def left(self, arrived: float, now: float) -> int:
-        return sum(x.left(arrived, now) for x in (self.current, self.following) if x is not None)
+        return sum(x.left(arrived, now) for x in self.leases)
 
 
 def take(lease: Lease, arrived: float) -> int:

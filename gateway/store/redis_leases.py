@@ -85,8 +85,8 @@ class LeasedLimits:
             assert lease is not None
             left = take(lease, now)
             holding = holdings[limits[i].bucket]
-            if holding.following is not None:
-                left += holding.following.left(now, now)
+            if len(holding.leases) > 1:
+                left += holding.left(now, now) - lease.left(now, now)
             elif left * 2 < lease.count and not holding.refilling:
                 self._ask_ahead(limits[i])
             if i == 0 or left < remaining:
@@ -139,7 +139,7 @@ class LeasedLimits:
                 returns.setdefault(name, lapsed)
             extra = lease_size(limit.rate, limit.burst, holding.meter.per_second(now), self.processes)
             want = max(0, needed.get(name, 0) - holding.left(now, now))
-            if want or (name in prefetch and holding.following is None):
+            if want or (name in prefetch and len(holding.leases) < 2):
                 want += extra
             holding.refilling = True
             entries.append((limit, want, extra))
@@ -169,7 +169,7 @@ class LeasedLimits:
         # What a slow bucket got for requests that another bucket refused goes back with the next call.
         for limit, _, extra in entries:
             leftover = granted.get(limit.bucket)
-            if leftover is not None and extra == 0 and leftover.used < leftover.count:
+            if leftover is not None and extra == 0 and leftover.ahead(now) > 0:
                 leftover.retire(now)
                 self._returns[limit.bucket] = leftover
                 self._schedule()
@@ -182,7 +182,7 @@ class LeasedLimits:
         if lease is None or now < lease.lapses or lease.ahead(now) <= 0:
             return None
         lease.retire(now)
-        holding.current, holding.following = holding.following, None
+        del holding.leases[0]
         return lease
 
     async def _send(
@@ -196,6 +196,7 @@ class LeasedLimits:
         calls = [self._one(group, returns) for _, group in groups]
         self.calls += len(calls)
         replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
+        lapses = self._clock() + LEASE_LIFETIME  # from the store's answer: how long it may outlive it
         granted: dict[str, Lease] = {}
         for (_, group), reply in zip(groups, replies, strict=True):
             store_now = float(reply[0])
@@ -213,7 +214,7 @@ class LeasedLimits:
                 if want > 0:
                     holding.refused_until = self._empty_until(limit, count < want, float(tat), offset, extra)
                 if count > 0:
-                    lease = Lease(start, count, interval, offset, sent + LEASE_LIFETIME, float(tat), tat)
+                    lease = Lease(start, count, interval, offset, lapses, float(tat), tat)
                     holding.add(lease)
                     granted[limit.bucket] = lease
         return granted
@@ -234,7 +235,7 @@ class LeasedLimits:
         for limit, want, _ in group:
             index = keys.setdefault(bucket_key(limit.bucket), len(keys) + 1)
             back = returns.get(limit.bucket)
-            end, start = ("", "") if back is None else (back.tat_text, repr(back.next_slot()))
+            end, start = ("", "") if back is None else (back.tat_text, repr(back.given_back))
             args += [index, repr(float(limit.rate)), limit.burst, want, end, start]
         return await self._call(list(keys), args)
 
@@ -242,7 +243,7 @@ class LeasedLimits:
         leases = []
         for i, limit in enumerate(limits):
             holding = self._holdings.get(limit.bucket)
-            lease = holding.usable(arrived, now) if holding is not None else None
+            lease = holding.usable(arrived, now, fresh=True) if holding is not None else None
             if lease is None:
                 retry, reset = self._refusal(limit, now)
                 return Answer(False, i, 0, reset, retry)
@@ -276,12 +277,12 @@ class LeasedLimits:
     # ---- shutting down ----
 
     def unused(self) -> dict[str, Lease]:
-        """Every lease with slots left, current or following, by bucket: what `close` gives back."""
+        """The latest lease with slots left, by bucket: what `close` gives back."""
         now = self._clock()
         out: dict[str, Lease] = {}
         for name, holding in self._holdings.items():
-            for lease in (holding.following, holding.current):  # the later one is the tail, if either is
-                if lease is not None and lease.ahead(now) > 0:
+            for lease in reversed(holding.leases):  # the latest is the tail, if any is
+                if lease.ahead(now) > 0:
                     lease.retire(now)
                     out[name] = lease
                     break
