@@ -97,13 +97,13 @@ async def test_a_process_that_stops_holding_a_lease_leaves_nothing_extra_to_the_
         await asyncio.gather(hammer(first, [limit], until, log, 8), hammer(second, [limit], until, log, 8))
         held = first.leases._holdings[limit.bucket]
         for _ in range(2000):  # on until it holds a lease with slots ahead (it is refused meanwhile)
-            if held.current is not None and held.current.ahead(time.monotonic()) > 1:
+            if held.current is not None and held.current.left(time.monotonic()) > 1:
                 break
             asked = time.monotonic()
             if (await one(first, [limit])).admitted:
                 log.append((asked, time.monotonic()))
             await asyncio.sleep(0.0005)
-        assert held.current is not None and held.current.ahead(time.monotonic()) > 1
+        assert held.current is not None and held.current.left(time.monotonic()) > 1
         # It dies: no give-back, its connection just goes. The other goes on alone.
         first.leases._holdings.clear()
         await first._client.aclose()
@@ -133,24 +133,40 @@ async def test_give_back_returns_the_unused_tail(two: tuple[RedisStore, RedisSto
     for _ in range(200):  # enough demand for a lease, then on until one has slots ahead
         admitted += (await one(store, [limit])).admitted
         held = store.leases._holdings[limit.bucket].current
-        if admitted > 20 and held is not None and held.ahead(time.monotonic()) > 2:
+        if admitted > 20 and held is not None and held.left(time.monotonic()) > 2:
             break
         await asyncio.sleep(0.001)
-    assert held is not None and held.ahead(time.monotonic()) > 2
+    assert held is not None and held.left(time.monotonic()) > 2
     await store.leases.give_back()
     ((_, (after,)),) = await other.check_limits([[limit]])
     # Only those admitted are gone (the check itself takes one): the rest of the lease came back.
     assert after.remaining >= limit.burst - admitted - 1
 
 
-def test_a_lease_is_never_used_past_its_lifetime_nor_for_a_slot_before_arrival() -> None:
-    lease = Lease(start=100.0, count=10, interval=0.01, offset=50.0, lapses=1.0, tat=100.1, tat_text="")
+def test_a_slot_is_never_used_before_the_request_arrived_nor_after_it_was_given_back() -> None:
+    lease = Lease(start=100.0, count=10, interval=0.01, offset=50.0, tat=100.1, tat_text="")
     assert lease.first_free(49.0) == 0  # arrived (store time 99) before the first slot
     assert lease.first_free(50.025) == 3  # store time 100.025: slots 100.00..100.02 have passed
-    assert lease.left(50.0, 0.99) == 10
-    assert lease.left(50.0, 1.0) == 0  # lapsed: LEASE_LIFETIME after the answer that granted it
+    assert lease.left(50.0) == 10
     lease.retire(50.025)
-    assert lease.given_back == pytest.approx(100.03) and lease.left(49.0, 0.0) == 0
+    assert lease.given_back == pytest.approx(100.03) and lease.left(49.0) == 0
+
+
+async def test_no_lease_is_used_once_the_store_has_been_silent_for_its_lifetime(
+    two: tuple[RedisStore, RedisStore],
+) -> None:
+    store, _ = two
+    limit = bucket(1e6, 10**6)
+    store.leases.processes = 1
+    for _ in range(300):  # enough demand for a lease
+        await one(store, [limit])
+        await asyncio.sleep(0.0005)
+    assert store.admit_now([limit]) is not None  # from a lease
+    # The store's last answer, LEASE_LIFETIME ago: the lease it holds is not used any more.
+    store.leases._answered = time.monotonic() - LEASE_LIFETIME
+    assert store.admit_now([limit]) is None
+    assert (await store.admit([limit])).admitted  # a call: the store answers, the lease serves again
+    assert store.admit_now([limit]) is not None
     assert 0 < LEASE_LIFETIME <= 0.05
 
 

@@ -34,10 +34,10 @@ from gateway.store.gcra import Answer as Answer  # re-exported: what leases deci
 
 # A lease is sized for this much of the process's own demand on the bucket: long enough that the
 # store sees one call per a few hundred requests at tens of thousands of requests per second, short
-# enough that a lease never outlives `LEASE_LIFETIME`.
+# enough that stranded capacity stays small.
 LEASE_SPAN: Final = 0.025  # seconds
-# A lease is not used past this long after the store's answer that granted it, whatever it has left: how
-# long a lease can keep admitting after the store went away (fail_closed answers 503 once it lapses;
+# Leases are not used once the store has not answered this process for this long, whatever they have
+# left: how long leases can keep admitting after the store went away (fail_closed answers 503 then;
 # docs/operations.md). Exactness does not depend on it: a slot is never used before its time anyway.
 LEASE_LIFETIME: Final = 0.05  # seconds
 # All processes' leases of one bucket together hold at most this share of its burst: the capacity that
@@ -71,10 +71,10 @@ class Lease:
     count: int
     interval: float
     offset: float  # store time <= local monotonic time + offset (from the call's send time)
-    lapses: float  # local monotonic time (answer + LEASE_LIFETIME); not used from then on
     tat: float  # the bucket's TAT right after the grant: this lease's end, unless others took more since
     tat_text: str  # the same as the store wrote it: a give-back applies only while the TAT is still this
     used: int = 0  # slots before this index are spent or passed
+    retired: bool = False  # its unused tail was given back: never used again
     given_back: float = 0.0  # once retired: where the slots not ours any more begin (store clock)
 
     def first_free(self, arrived: float) -> int:
@@ -87,19 +87,15 @@ class Lease:
             index += 1
         return max(self.used, index)
 
-    def left(self, arrived: float, now: float) -> int:
-        """Slots a request arriving at `arrived` could still take, at local time `now`."""
-        return self.count - self.first_free(arrived) if now < self.lapses else 0
-
-    def ahead(self, now: float) -> int:
-        """Slots not yet passed at local time `now`, lapsed or not: what could be given back."""
-        return self.count - self.first_free(now)
+    def left(self, arrived: float) -> int:
+        """Slots a request arriving at local time `arrived` could still take."""
+        return 0 if self.retired else self.count - self.first_free(arrived)
 
     def retire(self, now: float) -> None:
         """Use no more of it, not even for a request that waited (its unused tail is being given back)."""
         self.given_back = self.start + self.first_free(now) * self.interval
         self.used = self.count
-        self.lapses = now
+        self.retired = True
 
 
 class Meter:
@@ -143,15 +139,13 @@ class Holding:
     def current(self) -> Lease | None:
         return self.leases[0] if self.leases else None
 
-    def usable(self, arrived: float, now: float, fresh: bool = False) -> Lease | None:
-        """The lease a request arriving at `arrived` takes its slot from; None when none has one.
-
-        `fresh`: for the requests that waited for the reply just in, whatever its lease's lifetime
-        (which bounds how long a lease outlives the store's last answer, not exactness)."""
+    def usable(self, arrived: float) -> Lease | None:
+        """The lease a request arriving at local time `arrived` takes its slot from; None when none has
+        one left (spent, passed or given back: dropped)."""
         leases = self.leases
         while leases:
             lease = leases[0]
-            if (fresh or now < lease.lapses) and lease.first_free(arrived) < lease.count:
+            if not lease.retired and lease.first_free(arrived) < lease.count:
                 return lease
             del leases[0]
         return None
@@ -159,8 +153,8 @@ class Holding:
     def add(self, lease: Lease) -> None:
         self.leases.append(lease)
 
-    def left(self, arrived: float, now: float) -> int:
-        return sum(x.left(arrived, now) for x in self.leases)
+    def left(self, arrived: float) -> int:
+        return sum(x.left(arrived) for x in self.leases)
 
 
 def take(lease: Lease, arrived: float) -> int:

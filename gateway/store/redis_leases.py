@@ -6,10 +6,14 @@ is admitted here and then, synchronously. When a lease is half spent a refill is
 steady stream of requests seldom has to wait. `admit` is the slow path: it queues the request, and the
 first of a loop tick schedules one flush that takes, for every bucket the queued requests need, what
 they need plus a lease (`lease_size`; none for slow buckets, which are so checked per request) and
-gives back the unused tail of any lease that lapsed with slots left; one script call per cluster slot,
+gives back what is to be given back (`give_back`, below); one script call per cluster slot,
 all of them at once. The queued requests are then decided in order against what came back,
 all-or-nothing over their buckets: a request refused by one bucket takes no slot of the others, and
 what a slow bucket was granted for it goes back in the next call.
+
+No lease is used once the store has not answered this process for `LEASE_LIFETIME`: the requests
+then wait for a call, which fails if the store is gone (503 with fail_closed). While it answers, a call
+goes out after half that silence, so that a steady stream never waits for that reason.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class LeasedLimits:
         self._flushing = False
         self._sweep_at = MIN_SWEEP
         self._tasks: set[asyncio.Task[None]] = set()
+        self._answered = -LEASE_LIFETIME  # local time of the store's latest answer to a lease call
         self.processes = 1  # live gateway processes, from the heartbeats: all of them share LEASE_SHARE
         self.calls = 0  # script calls sent (for tests and the benchmark)
 
@@ -72,7 +77,14 @@ class LeasedLimits:
             if holding is None:
                 holding = holdings[limit.bucket] = Holding(now)
             holding.meter.hit(now)
-            leases.append(holding.usable(now, now))
+            leases.append(holding.usable(now))
+        silent = now - self._answered
+        if silent >= LEASE_LIFETIME / 2:
+            if silent >= LEASE_LIFETIME:  # the store may be gone: no lease hides that for longer
+                return None
+            for limit in limits:  # a call before then, so that a store that is up keeps them usable
+                if not holdings[limit.bucket].refilling:
+                    self._ask_ahead(limit)
         if None in leases:
             for i, limit in enumerate(limits):
                 if leases[i] is None and now < holdings[limit.bucket].refused_until:
@@ -86,7 +98,7 @@ class LeasedLimits:
             left = take(lease, now)
             holding = holdings[limits[i].bucket]
             if len(holding.leases) > 1:
-                left += holding.left(now, now) - lease.left(now, now)
+                left += holding.left(now) - lease.left(now)
             elif left * 2 < lease.count and not holding.refilling:
                 self._ask_ahead(limits[i])
             if i == 0 or left < remaining:
@@ -134,12 +146,10 @@ class LeasedLimits:
         entries: list[tuple[Bucket, int, int]] = []  # (limit, want, extra)
         for name, limit in limits_by_name.items():
             holding = self._holdings.get(name) or self._holdings.setdefault(name, Holding(now))
-            lapsed = self._lapsed(holding, now)
-            if lapsed is not None:
-                returns.setdefault(name, lapsed)
             extra = lease_size(limit.rate, limit.burst, holding.meter.per_second(now), self.processes)
-            want = max(0, needed.get(name, 0) - holding.left(now, now))
-            if want or (name in prefetch and len(holding.leases) < 2):
+            left = holding.left(now)
+            want = max(0, needed.get(name, 0) - left)
+            if want or (name in prefetch and left < extra):  # a lease's worth at most is held ahead
                 want += extra
             holding.refilling = True
             entries.append((limit, want, extra))
@@ -169,21 +179,12 @@ class LeasedLimits:
         # What a slow bucket got for requests that another bucket refused goes back with the next call.
         for limit, _, extra in entries:
             leftover = granted.get(limit.bucket)
-            if leftover is not None and extra == 0 and leftover.ahead(now) > 0:
+            if leftover is not None and extra == 0 and leftover.left(now) > 0:
                 leftover.retire(now)
                 self._returns[limit.bucket] = leftover
                 self._schedule()
         if len(self._holdings) >= self._sweep_at:
             self._sweep(now)
-
-    def _lapsed(self, holding: Holding, now: float) -> Lease | None:
-        """A lease past its lifetime that still has slots ahead: dropped, to be given back."""
-        lease = holding.current
-        if lease is None or now < lease.lapses or lease.ahead(now) <= 0:
-            return None
-        lease.retire(now)
-        del holding.leases[0]
-        return lease
 
     async def _send(
         self, entries: list[tuple[Bucket, int, int]], returns: dict[str, Lease], now: float
@@ -196,7 +197,7 @@ class LeasedLimits:
         calls = [self._one(group, returns) for _, group in groups]
         self.calls += len(calls)
         replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
-        lapses = self._clock() + LEASE_LIFETIME  # from the store's answer: how long it may outlive it
+        self._answered = self._clock()
         granted: dict[str, Lease] = {}
         for (_, group), reply in zip(groups, replies, strict=True):
             store_now = float(reply[0])
@@ -214,7 +215,7 @@ class LeasedLimits:
                 if want > 0:
                     holding.refused_until = self._empty_until(limit, count < want, float(tat), offset, extra)
                 if count > 0:
-                    lease = Lease(start, count, interval, offset, lapses, float(tat), tat)
+                    lease = Lease(start, count, interval, offset, float(tat), tat)
                     holding.add(lease)
                     granted[limit.bucket] = lease
         return granted
@@ -243,7 +244,7 @@ class LeasedLimits:
         leases = []
         for i, limit in enumerate(limits):
             holding = self._holdings.get(limit.bucket)
-            lease = holding.usable(arrived, now, fresh=True) if holding is not None else None
+            lease = holding.usable(arrived) if holding is not None else None
             if lease is None:
                 retry, reset = self._refusal(limit, now)
                 return Answer(False, i, 0, reset, retry)
@@ -282,7 +283,7 @@ class LeasedLimits:
         out: dict[str, Lease] = {}
         for name, holding in self._holdings.items():
             for lease in reversed(holding.leases):  # the latest is the tail, if any is
-                if lease.ahead(now) > 0:
+                if lease.left(now) > 0:
                     lease.retire(now)
                     out[name] = lease
                     break
