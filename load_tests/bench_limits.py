@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -82,8 +83,15 @@ def create_key(admin_port: int) -> str:
         method="POST",
         headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return str(json.loads(response.read())["secret"])
+    for _ in range(50):  # the admin API answers 503 until the gateway's store is up
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return str(json.loads(response.read())["secret"])
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503:
+                raise
+            time.sleep(0.2)
+    raise RuntimeError(f"no key created on the admin port {admin_port}: still 503")
 
 
 def script_calls(port: int) -> int:
