@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from gateway.access import keys
 from gateway.access.key_cache import MISSING, KeyCache
@@ -39,11 +39,15 @@ HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_TTL = 3.0
 
 
-@dataclass(frozen=True, slots=True)
-class AdmissionDecision:
+NO_HEADERS: Headers = []  # shared by every decision without headers: never appended to
+
+
+class AdmissionDecision(NamedTuple):
+    """A NamedTuple rather than a frozen dataclass: one is made per request (see pipeline.flow.Plan)."""
+
     status: int  # 0 when admitted
     message: str = ""
-    headers: Headers = field(default_factory=list)  # rate-limit headers, on admitted and refused answers
+    headers: Headers = NO_HEADERS  # rate-limit headers, on admitted and refused answers
     key_name: str = ""  # the caller, for metrics and logs ("" anonymous)
 
 
