@@ -35,7 +35,7 @@ from gateway.store.gcra import Answer as Answer  # re-exported: what leases deci
 # A lease is sized for this much of the process's own demand on the bucket: long enough that the
 # store sees one call per a few hundred requests at tens of thousands of requests per second, short
 # enough that stranded capacity stays small.
-LEASE_SPAN: Final = 0.025  # seconds
+LEASE_SPAN: Final = 0.05  # seconds; a refill goes out at half of it, so a slow answer rarely stalls
 # Leases are not used once the store has not answered this process for this long, whatever they have
 # left: how long leases can keep admitting after the store went away (fail_closed answers 503 then;
 # docs/operations.md). Exactness does not depend on it: a slot is never used before its time anyway.
