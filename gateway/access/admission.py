@@ -119,6 +119,7 @@ class LimitPlan:
 
 
 def limit_plan(limits: list[Bucket]) -> LimitPlan:
+    limits = list(dict.fromkeys(limits))  # distinct: a bucket is charged once per request (Store.admit_now)
     names = tuple(_policy_name(limit.bucket).encode() for limit in limits)
     policies = [
         b'"%s";q=%d;w=%d' % (name, limit.burst, max(1, math.ceil(limit.burst / limit.rate)))

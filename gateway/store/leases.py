@@ -75,6 +75,7 @@ class Lease:
     tat_text: str  # the same as the store wrote it: a give-back applies only while the TAT is still this
     used: int = 0  # slots before this index are spent or passed
     retired: bool = False  # its unused tail was given back: never used again
+    free: int = 0  # the first free slot, as `Holding.usable` last found it (for `admit_now`)
     given_back: float = 0.0  # once retired: where the slots not ours any more begin (store clock)
 
     def first_free(self, arrived: float) -> int:
@@ -145,8 +146,10 @@ class Holding:
         leases = self.leases
         while leases:
             lease = leases[0]
-            if not lease.retired and lease.first_free(arrived) < lease.count:
-                return lease
+            if not lease.retired:
+                lease.free = lease.first_free(arrived)
+                if lease.free < lease.count:
+                    return lease
             del leases[0]
         return None
 

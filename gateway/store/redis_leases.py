@@ -68,35 +68,39 @@ class LeasedLimits:
     # ---- the fast path ----
 
     def admit_now(self, limits: Sequence[Bucket]) -> Answer | None:
-        """The decision from leases held, or None: then `await admit(limits)`."""
+        """The decision from leases held, or None: then `await admit(limits)`. `limits` are distinct
+        buckets (admission's plans are), so that one slot is never taken twice for one request."""
         now = self._clock()
         holdings = self._holdings
-        leases = []
+        held = []
+        missing = False
         for limit in limits:
             holding = holdings.get(limit.bucket)
             if holding is None:
                 holding = holdings[limit.bucket] = Holding(now)
             holding.meter.hit(now)
-            leases.append(holding.usable(now))
+            if holding.usable(now) is None:
+                missing = True
+            held.append(holding)
         silent = now - self._answered
         if silent >= LEASE_LIFETIME / 2:
             if silent >= LEASE_LIFETIME:  # the store may be gone: no lease hides that for longer
                 return None
-            for limit in limits:  # a call before then, so that a store that is up keeps them usable
-                if not holdings[limit.bucket].refilling:
-                    self._ask_ahead(limit)
-        if None in leases:
-            for i, limit in enumerate(limits):
-                if leases[i] is None and now < holdings[limit.bucket].refused_until:
+            for i, holding in enumerate(held):  # a call before then: a store that is up keeps them usable
+                if not holding.refilling:
+                    self._ask_ahead(limits[i])
+        if missing:
+            for i, holding in enumerate(held):
+                if not holding.leases and now < holding.refused_until:
                     # All or nothing: refused by this one, so nothing is taken from the others.
-                    retry, reset = self._refusal(limit, now)
+                    retry, reset = self._refusal(limits[i], now)
                     return Answer(False, i, 0, reset, retry)
             return None
         tightest, remaining, reset = 0, 0, 0.0
-        for i, lease in enumerate(leases):
-            assert lease is not None
-            left = take(lease, now)
-            holding = holdings[limits[i].bucket]
+        for i, holding in enumerate(held):
+            lease = holding.leases[0]  # what `usable` found
+            lease.used = lease.free + 1
+            left = lease.count - lease.used
             if len(holding.leases) > 1:
                 left += holding.left(now) - lease.left(now)
             elif left * 2 < lease.count and not holding.refilling:
