@@ -18,7 +18,7 @@ import pytest
 from gateway.store.gcra import Answer, Bucket
 from gateway.store.leases import LEASE_LIFETIME, Lease, lease_size
 from gateway.store.redis import RedisStore
-from tests.redis_servers import RedisClusterNodes, RedisServer
+from tests.redis_servers import RedisClusterNodes, RedisServer, SentinelSetup
 from tests.windows import over_admission
 
 PATIENT = 5.0  # store timeout: the machine is shared, a slow answer must not read as an outage
@@ -193,3 +193,22 @@ async def test_leases_on_a_cluster_are_exact_too() -> None:
         assert len(log) > key.burst
     finally:
         cluster.cleanup()
+
+
+async def test_leases_through_sentinel_are_exact_and_batched() -> None:
+    setup = SentinelSetup().start()
+    try:
+        stores = RedisStore(setup.url, PATIENT), RedisStore(setup.url, PATIENT)
+        limit = bucket(2000.0, 400)
+        log: list[tuple[float, float]] = []
+        for store in stores:
+            store.leases.processes = 2
+        until = time.monotonic() + 1.0
+        await asyncio.gather(*(hammer(s, [limit], until, log, 8) for s in stores))
+        calls = sum(s.leases.calls for s in stores)
+        for store in stores:
+            await store.close()
+        assert over_admission(log, limit.rate, limit.burst) == 0
+        assert len(log) > limit.burst and calls * 3 < len(log), (calls, len(log))
+    finally:
+        setup.cleanup()
