@@ -100,10 +100,10 @@ class LeasedLimits:
         for i, holding in enumerate(held):
             lease = holding.leases[0]  # what `usable` found
             lease.used = lease.free + 1
+            # What this lease has left: a lower bound of what is really left (RateLimit's r=), leaving
+            # out the lease that follows it, which costs more to count than the header is worth.
             left = lease.count - lease.used
-            if len(holding.leases) > 1:
-                left += holding.left(now) - lease.left(now)
-            elif left * 2 < lease.count and not holding.refilling:
+            if left * 2 < lease.count and len(holding.leases) == 1 and not holding.refilling:
                 self._ask_ahead(limits[i])
             if i == 0 or left < remaining:
                 tightest, remaining = i, left
