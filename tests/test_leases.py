@@ -82,7 +82,7 @@ async def test_two_processes_with_leases_never_admit_more_than_the_limit(
     # Close to the limit, not far under it: a lease passing unused is the only loss.
     assert len(log) >= 0.9 * (limit.rate * elapsed + limit.burst), (len(log), elapsed)
     calls = sum(s.leases.calls for s in two)
-    assert calls * 3 < len(log), (calls, len(log))  # leases: far fewer script calls than admissions
+    assert calls * 2 < len(log), (calls, len(log))  # leases: fewer script calls than admissions, saturated
 
 
 async def test_a_process_that_stops_holding_a_lease_leaves_nothing_extra_to_the_other(
@@ -209,6 +209,6 @@ async def test_leases_through_sentinel_are_exact_and_batched() -> None:
         for store in stores:
             await store.close()
         assert over_admission(log, limit.rate, limit.burst) == 0
-        assert len(log) > limit.burst and calls * 3 < len(log), (calls, len(log))
+        assert len(log) > limit.burst and calls * 2 < len(log), (calls, len(log))
     finally:
         setup.cleanup()
