@@ -174,7 +174,7 @@ def test_lease_size_follows_demand_and_stays_a_small_share() -> None:
     assert lease_size(200.0, 20, 10_000.0, 2) == 0  # burst too small to share: checked per request
     assert lease_size(1e6, 10**6, 30.0, 1) == 0  # slow bucket: under 2 requests per lease span
     assert lease_size(1e6, 10**6, 30_000.0, 1) == 50_000  # spans LEASE_SPAN (50 ms) of the bucket's time
-    assert lease_size(1e6, 10**6, 30_000.0, 16) == 7812  # 16 processes share 1/8 of the burst
+    assert lease_size(1e6, 10**6, 30_000.0, 16) == 3906  # 16 processes, 2 leases each: 1/8 of the burst
 
 
 async def test_leases_on_a_cluster_are_exact_too() -> None:

@@ -35,7 +35,10 @@ from gateway.store.gcra import Answer as Answer  # re-exported: what leases deci
 # A lease is sized for this much of the process's own demand on the bucket: long enough that the
 # store sees one call per a few hundred requests at tens of thousands of requests per second, short
 # enough that stranded capacity stays small.
-LEASE_SPAN: Final = 0.05  # seconds; a refill goes out at half of it, so a slow answer rarely stalls
+LEASE_SPAN: Final = 0.05  # seconds
+# The next lease is asked for once this share of the current one is spent (or passed): 37 ms ahead at
+# LEASE_SPAN, so that even a slow answer seldom keeps requests waiting.
+REFILL_AT: Final = 0.25
 # Leases are not used once the store has not answered this process for this long, whatever they have
 # left: how long leases can keep admitting after the store went away (fail_closed answers 503 then;
 # docs/operations.md). Exactness does not depend on it: a slot is never used before its time anyway.
@@ -57,7 +60,7 @@ def lease_size(rate: float, burst: int, own_rate: float, processes: int) -> int:
     tokens, whatever the process's own rate. Its own rate decides whether a lease is worth taking at
     all (would it serve `MIN_LEASE` requests?), and `LEASE_SHARE` bounds what all processes hold.
     """
-    cap = math.floor(burst * LEASE_SHARE / max(1, processes))
+    cap = math.floor(burst * LEASE_SHARE / (2 * max(1, processes)))  # a lease and the one taken ahead
     if cap < MIN_LEASE or own_rate * LEASE_SPAN < MIN_LEASE:
         return 0
     return min(cap, math.ceil(max(rate, own_rate) * LEASE_SPAN))

@@ -2,7 +2,7 @@
 what this process holds, with no await; the rest wait for one refill call shared by the moment.
 
 `admit_now` is the fast path: every bucket of the request has a slot in a live lease, so the request
-is admitted here and then, synchronously. When a lease is half spent a refill is sent ahead, so a
+is admitted here and then, synchronously. When a quarter of a lease is spent a refill is sent ahead, so a
 steady stream of requests seldom has to wait. `admit` is the slow path: it queues the request, and the
 first of a loop tick schedules one flush that takes, for every bucket the queued requests need, what
 they need plus a lease (`lease_size`; none for slow buckets, which are so checked per request) and
@@ -26,7 +26,7 @@ from typing import Any
 
 from gateway.store.base import StoreUnavailable
 from gateway.store.gcra import Bucket
-from gateway.store.leases import LEASE_LIFETIME, Answer, Holding, Lease, lease_size, take
+from gateway.store.leases import LEASE_LIFETIME, REFILL_AT, Answer, Holding, Lease, lease_size, take
 from gateway.store.redis_layout import bucket_key
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,8 @@ class LeasedLimits:
             # What this lease has left: a lower bound of what is really left (RateLimit's r=), leaving
             # out the lease that follows it, which costs more to count than the header is worth.
             left = lease.count - lease.used
-            if left * 2 < lease.count and len(holding.leases) == 1 and not holding.refilling:
+            spent = lease.count - left
+            if spent > REFILL_AT * lease.count and len(holding.leases) == 1 and not holding.refilling:
                 self._ask_ahead(limits[i])
             if i == 0 or left < remaining:
                 tightest, remaining = i, left
