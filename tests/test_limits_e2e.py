@@ -185,10 +185,10 @@ def test_rate_limit_is_exact_across_two_workers(triton: TritonFleet, redis: Redi
 def test_no_window_admits_more_than_the_limit_across_two_workers(
     triton: TritonFleet, redis: RedisServer
 ) -> None:
-    """With leases in use (burst 200 over 2 workers: leases of about 10 tokens), every window [a, b] of
+    """With leases in use (burst 400 over 2 workers: leases of 12 tokens), every window [a, b] of
     the run admits at most floor((b - a) x rate) + burst, also while one worker is killed mid-run
     holding a lease and restarted by the supervisor (tests/windows.py)."""
-    rate, burst = 400, 200
+    rate, burst = 400, 400
     with gateway(routes(triton, redis.url), workers=2) as process:
         secret = create_key(process, "windowed", rate=f"{rate}/s", burst=burst)
         before = _script_calls(redis)
