@@ -274,7 +274,7 @@ class LeasedLimits:
         """Drop what is kept of buckets with no lease and no recent demand (a flood of client addresses)."""
         keep = {}
         for name, holding in self._holdings.items():
-            if holding.current is not None or holding.refilling or now - holding.meter.since < 1.0:
+            if holding.left(now) > 0 or holding.refilling or now - holding.meter.since < 1.0:
                 keep[name] = holding
         self._holdings = keep
         self._seen = {name: seen for name, seen in self._seen.items() if name in keep}
