@@ -7,8 +7,9 @@ Failing fast: every operation is bounded by `timeout` (socket timeouts, an overa
 raises `StoreUnavailable`; redis-py's retries are off. redis-py drops a connection that failed; after a
 timeout cancelled a command half-way we drop idle pooled connections too, so nothing broken is reused.
 
-Rate limits: the `check_limits` calls of one event-loop tick share one EVALSHA of `gcra.lua`. A cluster
-script touches one slot only, so a request whose buckets span slots (a key's, a model's) is checked slot group
+Rate limits, as admission uses them (`admit_now`, `admit`): token leases, gateway.store.redis_leases.
+Rate limits checked per request (`check_limits`): the calls of one event-loop tick share one EVALSHA of
+`gcra.lua`. A cluster script touches one slot only, so a request whose buckets span slots (a key's, a model's) is checked slot group
 by slot group, in the order its limits come, and a later group's denial refunds the earlier charges. Until
 that refund (one round trip later; never, if the timeout strikes first) the earlier buckets hold one request
 too many: a concurrent request may be denied, none is over-admitted. A limit after the denying group is not
