@@ -9,11 +9,12 @@ timeout cancelled a command half-way we drop idle pooled connections too, so not
 
 Rate limits, as admission uses them (`admit_now`, `admit`): token leases, gateway.store.redis_leases.
 Rate limits checked per request (`check_limits`): the calls of one event-loop tick share one EVALSHA of
-`gcra.lua`. A cluster script touches one slot only, so a request whose buckets span slots (a key's, a model's) is checked slot group
-by slot group, in the order its limits come, and a later group's denial refunds the earlier charges. Until
-that refund (one round trip later; never, if the timeout strikes first) the earlier buckets hold one request
-too many: a concurrent request may be denied, none is over-admitted. A limit after the denying group is not
-consulted (a denied key never touches its model's shared bucket): its verdict is (True, 0, 0.0, 0.0).
+`gcra.lua`. A cluster script touches one slot only, so a request whose buckets span slots (a key's, a
+model's) is checked slot group by slot group, in the order its limits come, and a later group's denial
+refunds the earlier charges. Until that refund (one round trip later; never, if the timeout strikes first)
+the earlier buckets hold one request too many: a concurrent request may be denied, none is over-admitted. A
+limit after the denying group is not consulted (a denied key never touches its model's shared bucket): its
+verdict is (True, 0, 0.0, 0.0).
 """
 
 from __future__ import annotations
