@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 LINTED := gateway backends tests load_tests scripts deploy
 
-.PHONY: install run demo test lint typecheck unit tools bench clean
+.PHONY: install run demo test lint typecheck unit tools bench bench-dataplane clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,7 +40,13 @@ unit: $(STAMP) tools
 
 test: lint typecheck unit
 
+# The production path: nginx, the bare gateway, keys + limits on the memory store and on Redis.
 bench: $(STAMP)
+	load_tests/ensure_tools.sh
+	$(PY) load_tests/bench_limits.py
+
+# The data plane alone: the gateway against nginx and the direct backend, throughput and latency.
+bench-dataplane: $(STAMP)
 	load_tests/ensure_tools.sh
 	$(PY) load_tests/bench.py
 

@@ -1,15 +1,18 @@
-"""What API keys and rate limits cost: the gateway with and without them, in one run.
+"""The production path's speed: keys and exact limits against the bare gateway and nginx, in one run.
 
-Run it with `.venv/bin/python load_tests/bench_limits.py` (after `load_tests/ensure_tools.sh`).
+Run it with `make bench`, or `.venv/bin/python load_tests/bench_limits.py --rounds 5 --duration 5`
+(after `load_tests/ensure_tools.sh`).
 
-Two gateways (1 worker each) proxy to the same nginx fixed-response backend:
-  plain    keys.required false, no limits (the data-plane benchmark's gateway);
-  limited  keys.required true, a key with its own limit and a per-model limit, both checked in Redis
-           (a redis-server this script starts) on every request; the limits are far above the load,
-           so every request is admitted and what is measured is the checking.
-wrk measures both in interleaved rounds (32 connections, pinned as in bench.py), and Redis's
-INFO commandstats gives the Redis commands per request, which fall under load because requests of
-the same moment share one script call.
+Four targets proxy to the same nginx fixed-response backend, each on one core of its own:
+  nginx    nginx, 1 worker, with the same 90/10 split (load_tests/nginx.py): the C reference;
+  bare     the gateway, 1 worker, keys.required false, no limits;
+  memory   keys.required true, a key with its own limit and a per-model limit, memory store;
+  redis    the same on Redis (a redis-server this script starts), every limit exact across processes.
+The limits are far above the load, so every request is admitted and what is measured is the checking.
+Every target gets the same request, Authorization header included. wrk measures them in interleaved
+rounds (32 connections, pinned as in bench.py); the figures are medians of the rounds, the ratios
+medians of each round's ratio. Redis's INFO commandstats gives the script calls (EVALSHA/EVAL: the
+round trips that decide limits) per request; with token leases they fall far below one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -80,8 +84,25 @@ def create_key(admin_port: int) -> str:
         method="POST",
         headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return str(json.loads(response.read())["secret"])
+    for _ in range(50):  # the admin API answers 503 until the gateway's store is up
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return str(json.loads(response.read())["secret"])
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503:
+                raise
+            time.sleep(0.2)
+    raise RuntimeError(f"no key created on the admin port {admin_port}: still 503")
+
+
+def script_calls(port: int) -> int:
+    calls = redis_commands(port)
+    return calls.get("evalsha", 0) + calls.get("eval", 0)
+
+
+def routes(backend: int, limited: bool, store: str) -> str:
+    limit = '    limit: {rate: "1000000/s", burst: 1000000}' if limited else ""
+    return ROUTES.format(backend=backend, model_limit=limit, required=str(limited).lower(), store=store)
 
 
 def main() -> int:
@@ -100,6 +121,7 @@ def main() -> int:
     args = parser.parse_args()
     cores = usable_cores()
     loadgen, target = (cores[0], cores[1]) if len(cores) >= 2 else (None, None)
+    redis_core = {"loadgen": loadgen, "target": target, "any": None}[args.redis_core]
     with tempfile.TemporaryDirectory(prefix="bench-limits-") as tmp:
         sup = Supervisor(Path(tmp))
         try:
@@ -107,61 +129,80 @@ def main() -> int:
             redis = sup.start(
                 "redis",
                 ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
-                loadgen,
+                redis_core,
             )
             wait_for_port(redis_port, redis, timeout=10)
             backend_port = free_port()
             nginx.start_nginx(sup, "backend", nginx.backend_conf(backend_port, 1), backend_port, loadgen)
-            limit = '    limit: {rate: "1000000/s", burst: 1000000}'
-            plain_port, _ = start_gateway(
-                sup,
-                "plain",
-                ROUTES.format(backend=backend_port, model_limit="", required="false", store="memory://"),
-                target,
+            proxy_port = free_port()
+            nginx.start_nginx(
+                sup, "nginx-proxy", nginx.proxy_conf(proxy_port, backend_port), proxy_port, target
             )
-            limited_routes = ROUTES.format(
-                backend=backend_port,
-                model_limit=limit,
-                required="true",
-                store=f"redis://127.0.0.1:{redis_port}/0",
+            plain_port, _ = start_gateway(sup, "bare", routes(backend_port, False, "memory://"), target)
+            memory_port, memory_admin = start_gateway(
+                sup, "memory", routes(backend_port, True, "memory://"), target
             )
-            limited_port, limited_admin = start_gateway(sup, "limited", limited_routes, target)
-            secret = create_key(limited_admin)
-            script = Path(tmp) / "infer.lua"
-            script.write_text(wrk.LUA_SCRIPT + f'\nwrk.headers["Authorization"] = "Bearer {secret}"\n')
+            redis_url = f"redis://127.0.0.1:{redis_port}/0"
+            redis_gw, redis_admin = start_gateway(sup, "redis", routes(backend_port, True, redis_url), target)
+            secrets = {"memory": create_key(memory_admin), "redis": create_key(redis_admin)}
+            ports = {"nginx": proxy_port, "bare": plain_port, "memory": memory_port, "redis": redis_gw}
+            scripts = {}
+            for name in ports:
+                # The same request everywhere: the header costs the targets that ignore it its parsing.
+                secret = secrets.get(name, secrets["redis"])
+                scripts[name] = Path(tmp) / f"infer-{name}.lua"
+                scripts[name].write_text(
+                    wrk.LUA_SCRIPT + f'\nwrk.headers["Authorization"] = "Bearer {secret}"\n'
+                )
             url = "http://127.0.0.1:{}/v2/models/fraud-detector/infer"
-            results: dict[str, list[float]] = {"plain": [], "limited": []}
+            results: dict[str, list[float]] = {name: [] for name in ports}
             per_request: list[float] = []
+            for name, port in ports.items():  # warm-up, unrecorded
+                wrk.run(wrk.command(url.format(port), scripts[name], 1, args.connections, 1, loadgen), 60)
             for round_number in range(1, args.rounds + 1):
-                for name, port in (("plain", plain_port), ("limited", limited_port)):
-                    before = redis_commands(redis_port)
-                    argv = wrk.command(url.format(port), script, 1, args.connections, args.duration, loadgen)
+                for name, port in ports.items():
+                    before = script_calls(redis_port)
+                    argv = wrk.command(
+                        url.format(port), scripts[name], 1, args.connections, args.duration, loadgen
+                    )
                     result = wrk.run(argv, args.duration + 30)
                     if result.errors:
                         print(f"!! {name}: {result.errors} errors (non-2xx or socket)", file=sys.stderr)
                     results[name].append(result.rps)
-                    if name == "limited":
-                        after = redis_commands(redis_port)
-                        commands = sum(after.values()) - sum(before.values()) - 1  # less our own INFO
-                        per_request.append(commands / max(1, result.requests))
-                    line = f"{result.rps:>10,.0f} req/s  p50 {result.p50_us:,.0f} us"
-                    print(f"round {round_number} {name:8s} {line}")
+                    extra = ""
+                    if name == "redis":
+                        calls = script_calls(redis_port) - before
+                        per_request.append(calls / max(1, result.requests))
+                        extra = f"  {per_request[-1]:.4f} script calls/request"
+                    line = f"{result.rps:>10,.0f} req/s  p50 {result.p50_us:,.0f} us{extra}"
+                    print(f"round {round_number} {name:8s} {line}", flush=True)
                     time.sleep(0.5)
-            ratios = [lim / plain for lim, plain in zip(results["limited"], results["plain"], strict=True)]
-            plain_rps, limited_rps = (
-                statistics.median(results["plain"]),
-                statistics.median(results["limited"]),
-            )
-            print(f"\nplain gateway:          {plain_rps:,.0f} req/s (median of {args.rounds} rounds)")
-            print(f"keys + limits (Redis):  {limited_rps:,.0f} req/s")
-            spread = f"[{min(ratios):.2f}..{max(ratios):.2f}]"
-            print(f"ratio limited / plain:  {statistics.median(ratios):.2f} {spread}")
-            per = statistics.median(per_request)
-            print(f"Redis commands/request: {per:.3f} at {args.connections} conns (incl. inside scripts)")
+            report(results, per_request, args)
             print(f"Redis commandstats:     {redis_commands(redis_port)}")
         finally:
             sup.stop_all()
     return 0
+
+
+def report(results: dict[str, list[float]], per_request: list[float], args: argparse.Namespace) -> None:
+    def ratio(top: str, bottom: str) -> str:
+        each = [a / b for a, b in zip(results[top], results[bottom], strict=True)]
+        return f"{statistics.median(each):.2f} [{min(each):.2f}..{max(each):.2f}]"
+
+    print(f"\nmedians of {args.rounds} rounds x {args.duration}s, {args.connections} connections:")
+    labels = {
+        "nginx": "nginx proxy, 1 worker",
+        "bare": "gateway, no keys/limits",
+        "memory": "keys + limits, memory",
+        "redis": "keys + limits, Redis",
+    }
+    for name, label in labels.items():
+        print(f"  {label:<26} {statistics.median(results[name]):>10,.0f} req/s")
+    print(f"  bare / nginx               {ratio('bare', 'nginx')}")
+    print(f"  memory / bare              {ratio('memory', 'bare')}")
+    print(f"  redis / bare               {ratio('redis', 'bare')}")
+    calls = statistics.median(per_request)
+    print(f"  Redis script calls/request {calls:.4f} (median; max {max(per_request):.4f})")
 
 
 if __name__ == "__main__":

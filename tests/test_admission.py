@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 from gateway.access import keys
 from gateway.access.admission import Admission, AdmissionDecision, access_policy, limits_for
 from gateway.routing.config import parse_table
 from gateway.routing.table import Limit
 from gateway.store.base import KeyRecord
+from gateway.store.gcra import Bucket, summarize
 from gateway.store.memory import MemoryStore
 
 ROUTES = """
@@ -84,13 +86,29 @@ async def test_a_raising_store_reaches_the_failure_callback_instead_of_hanging()
     await store.put_key(record())
     admission = Admission(store, "fail_closed")
 
-    async def broken(requests: object) -> object:
+    async def broken(limits: object) -> object:
         raise ZeroDivisionError("a bug in the store")
 
-    store.check_limits = broken  # type: ignore[method-assign,assignment]
+    # The memory store decides at once; this one has to wait for the store, which then raises.
+    store.admit_now = lambda limits: None  # type: ignore[method-assign,assignment,return-value]
+    store.admit = broken  # type: ignore[method-assign,assignment]
     table = parse_table(ROUTES)
     policy = access_policy(table, table.models["fraud"])
     failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
     admission.admit(policy, Head(x_api_key=SECRET.encode()), lambda d: None, failed.set_result)
     assert isinstance(await asyncio.wait_for(failed, 2), ZeroDivisionError)
     await admission.cache.stop()
+
+
+async def test_the_memory_stores_fast_path_decides_as_its_checks_do() -> None:
+    """`admit_now` (inlined GCRA) against `check_limits` (gcra.check_all) on the same clock and requests."""
+    clock = [1000.0]
+    fast, checked = MemoryStore(clock=lambda: clock[0]), MemoryStore(clock=lambda: clock[0])
+    limits = [Bucket("key:a", 10.0, 3), Bucket("key:a:model:m", 4.0, 2), Bucket("model:m", 50.0, 5)]
+    rng = random.Random(7)
+    for _ in range(400):
+        clock[0] += rng.choice([0.0, 0.001, 0.02, 0.1, 0.3])
+        request = rng.sample(limits, rng.randint(1, 3))
+        answer = fast.admit_now(request)
+        [(admitted, verdicts)] = await checked.check_limits([request])
+        assert answer == summarize(admitted, verdicts)

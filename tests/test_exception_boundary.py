@@ -39,7 +39,7 @@ models:
       "1": {{backend: fake, target: echo/1}}
 keys:
   required: false
-  default_limit: {{rate: 100000/s, burst: 100000}}   # so admission goes through the store, after an await
+  default_limit: {{rate: 100000/s, burst: 100000}}   # so admission goes through the store
 """
 
 
@@ -130,7 +130,12 @@ def patch_step(monkeypatch: pytest.MonkeyPatch, step: str) -> None:
         "target": lambda: monkeypatch.setattr(steps, "resolve_target", boom),
         "authenticate": lambda: monkeypatch.setattr(steps, "require_key", boom),
         "model": lambda: monkeypatch.setattr(steps, "find_model", boom),
-        "admit": lambda: monkeypatch.setattr(Admission, "_check", boom_async),
+        # The memory store decides at once; made to wait, admission raises after an await.
+        "admit": lambda: (
+            monkeypatch.setattr(MemoryStore, "admit_now", lambda self, limits: None),
+            monkeypatch.setattr(Admission, "_check", boom_async),
+        ),
+        "admit at once": lambda: monkeypatch.setattr(Admission, "_answer", boom),
         "choose": lambda: monkeypatch.setattr(steps, "choose_version", boom),
         "forward": lambda: monkeypatch.setattr(forward.ProxyExchange, "start", boom),
         "record": lambda: monkeypatch.setattr(steps, "record", boom),
@@ -144,7 +149,17 @@ async def boom_async(*args: Any, **kwargs: Any) -> None:
     raise Injected("injected fault after an await")
 
 
-STEPS = ["target", "authenticate", "model", "admit", "choose", "forward", "record", "upstream callback"]
+STEPS = [
+    "target",
+    "authenticate",
+    "model",
+    "admit",
+    "admit at once",
+    "choose",
+    "forward",
+    "record",
+    "upstream callback",
+]
 
 
 @pytest.mark.parametrize("step", STEPS)

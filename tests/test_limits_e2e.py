@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -13,10 +16,11 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.conftest import TritonFleet
-from tests.redis_servers import RedisClusterNodes, RedisServer
+from tests.redis_servers import RedisClusterNodes, RedisServer, cli
 from tests.support import GatewayProcess, gateway
 from tests.test_admin_e2e import admin
 from tests.test_live_reload import BODY, wait_until
+from tests.windows import over_admission
 
 INFER = "/v2/models/fraud-detector/versions/2.1.3/infer"
 
@@ -75,6 +79,7 @@ class Hammer:
     reconnect_every: int = 0  # >0: a new connection after this many requests, to reach every worker
     statuses: Counter[int] = field(default_factory=Counter)
     slow_refusals: list[float] = field(default_factory=list)  # 503s that took over 100 ms
+    admitted: list[tuple[float, float]] = field(default_factory=list)  # (sent, answered) of each 200
     first: float = 0.0
     last: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -108,8 +113,11 @@ class Hammer:
                 conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
                 continue
-            took = time.monotonic() - now
+            answered = time.monotonic()
+            took = answered - now
             with self.lock:
+                if response.status == 200:
+                    self.admitted.append((now, answered))
                 self.statuses[response.status] += 1
                 self.last = max(self.last, now)
                 if response.status == 503 and took > 0.1:
@@ -172,6 +180,43 @@ def test_rate_limit_is_exact_across_two_workers(triton: TritonFleet, redis: Redi
         # Burst 100: a load generator stalled up to 0.5 s (a busy CI machine) loses no tokens.
         secret = create_key(process, "hammered", rate="200/s", burst=100)
         expect_exact(Hammer(process.port, secret, seconds=10).run(), 200, 100)
+
+
+def test_no_window_admits_more_than_the_limit_across_two_workers(
+    triton: TritonFleet, redis: RedisServer
+) -> None:
+    """With leases in use (burst 400 over 2 workers: leases of 12 tokens), every window [a, b] of
+    the run admits at most floor((b - a) x rate) + burst, also while one worker is killed mid-run
+    holding a lease and restarted by the supervisor (tests/windows.py)."""
+    rate, burst = 400, 400
+    with gateway(routes(triton, redis.url), workers=2) as process:
+        secret = create_key(process, "windowed", rate=f"{rate}/s", burst=burst)
+        before = _script_calls(redis)
+
+        def kill_one_worker() -> None:
+            time.sleep(2.5)
+            assert process.process is not None
+            children = subprocess.run(
+                ["pgrep", "-P", str(process.process.pid)], capture_output=True, text=True
+            ).stdout.split()
+            assert len(children) == 2, children
+            os.kill(int(children[0]), signal.SIGKILL)  # no graceful stop: its leases are just gone
+
+        hammer = Hammer(process.port, secret, seconds=6, reconnect_every=20).run(during=kill_one_worker)
+        calls = _script_calls(redis) - before
+    assert sum(hammer.statuses.values()) / 6 >= 1.3 * rate, hammer.statuses  # hammered above the limit
+    assert over_admission(hammer.admitted, rate, burst) == 0
+    assert hammer.statuses[200] >= 0.8 * rate * 6, hammer.statuses  # and not far under it either
+    assert calls < hammer.statuses[200] / 2, (calls, hammer.statuses)  # leases, not a call per request
+
+
+def _script_calls(server: RedisServer) -> int:
+    stats = cli(server.port, "INFO", "commandstats")
+    return sum(
+        int(line.split("calls=")[1].split(",")[0])
+        for line in stats.splitlines()
+        if line.startswith(("cmdstat_evalsha:", "cmdstat_eval:"))
+    )
 
 
 def test_rate_limit_is_exact_on_a_redis_cluster(triton: TritonFleet) -> None:

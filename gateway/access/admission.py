@@ -23,13 +23,13 @@ import os
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from gateway.access import keys
 from gateway.access.key_cache import MISSING, KeyCache
 from gateway.routing.table import Limit, Model, RouteTable
 from gateway.store.base import KeyRecord, Store, StoreUnavailable, redacted
-from gateway.store.gcra import Bucket, Verdict
+from gateway.store.gcra import Answer, Bucket
 from gateway.store.memory import MemoryStore
 from gateway.wire.headers import Headers
 
@@ -39,11 +39,15 @@ HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_TTL = 3.0
 
 
-@dataclass(frozen=True, slots=True)
-class AdmissionDecision:
+NO_HEADERS: Headers = []  # shared by every decision without headers: never appended to
+
+
+class AdmissionDecision(NamedTuple):
+    """A NamedTuple rather than a frozen dataclass: one is made per request (see pipeline.flow.Plan)."""
+
     status: int  # 0 when admitted
     message: str = ""
-    headers: Headers = field(default_factory=list)  # rate-limit headers, on admitted and refused answers
+    headers: Headers = NO_HEADERS  # rate-limit headers, on admitted and refused answers
     key_name: str = ""  # the caller, for metrics and logs ("" anonymous)
 
 
@@ -71,6 +75,11 @@ class AccessPolicy:
     default_limit: Limit | None  # for keys without their own, and for anonymous callers
     model_bucket: Bucket | None  # the model's own limit, all callers together
     limited: bool = True  # False: who may call (key, model allowed), not how often (metadata reads)
+    # Key name ("" anonymous) -> (the record it was built for, its plan): filled as keys are seen, so
+    # each plan is built once per snapshot and key record. Not configuration: a cache, never compared.
+    plans: dict[str, tuple[KeyRecord | None, LimitPlan | None]] = field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
 
     @property
     def needed(self) -> bool:
@@ -97,33 +106,52 @@ class AdmissionStats:
         self.outcomes[slot] = self.outcomes.get(slot, 0) + 1
 
 
-_POLICIES: dict[tuple[Bucket, ...], bytes] = {}
-MAX_POLICIES = 4096  # distinct limit sets remembered; beyond that the cache starts again
+MAX_PLANS = 4096  # plans remembered per policy (one per key); beyond that the cache starts again
 
 
-def policy_header(limits: tuple[Bucket, ...]) -> bytes:
-    """The RateLimit-Policy value for a set of limits, built once per distinct set."""
-    value = _POLICIES.get(limits)
-    if value is None:
-        policies = []
-        for limit in limits:
-            window = max(1, math.ceil(limit.burst / limit.rate))
-            policies.append(f'"{_policy_name(limit.bucket)}";q={limit.burst};w={window}')
-        value = ", ".join(policies).encode()
-        if len(_POLICIES) >= MAX_POLICIES:
-            _POLICIES.clear()
-        _POLICIES[limits] = value
-    return value
+@dataclass(frozen=True, slots=True)
+class LimitPlan:
+    """What admission needs of one key (or caller) on one model, built once per snapshot and key record."""
+
+    buckets: tuple[Bucket, ...]
+    names: tuple[bytes, ...]  # each limit's policy name ("key", "keymodel", "model", "client")
+    policy: bytes  # the RateLimit-Policy value (IETF httpapi ratelimit-headers draft)
 
 
-def rate_limit_headers(limits: list[Bucket], verdicts: list[Verdict]) -> Headers:
-    """RateLimit-Policy and RateLimit (IETF httpapi draft): every policy, and the tightest one's state."""
-    tightest = min(range(len(limits)), key=lambda i: verdicts[i].remaining)
-    verdict = verdicts[tightest]
-    state = (
-        f'"{_policy_name(limits[tightest].bucket)}";r={verdict.remaining};t={math.ceil(verdict.reset_after)}'
-    )
-    return [(b"ratelimit-policy", policy_header(tuple(limits))), (b"ratelimit", state.encode())]
+def limit_plan(limits: list[Bucket]) -> LimitPlan:
+    limits = list(dict.fromkeys(limits))  # distinct: a bucket is charged once per request (Store.admit_now)
+    names = tuple(_policy_name(limit.bucket).encode() for limit in limits)
+    policies = [
+        b'"%s";q=%d;w=%d' % (name, limit.burst, max(1, math.ceil(limit.burst / limit.rate)))
+        for name, limit in zip(names, limits, strict=True)
+    ]
+    return LimitPlan(tuple(limits), names, b", ".join(policies))
+
+
+def plan_for(policy: AccessPolicy, record: KeyRecord | None, client: str) -> LimitPlan | None:
+    """The plan for one request; None when no limit applies. Cached on the policy (so per snapshot) by
+    key name, and used while the cache holds that very record: a changed key gets a new plan."""
+    if not policy.limited:
+        return None
+    cacheable = record is not None or policy.default_limit is None  # else it is per client address
+    slot = record.name if record is not None else ""
+    if cacheable:
+        cached = policy.plans.get(slot)
+        if cached is not None and cached[0] is record:
+            return cached[1]
+    limits = limits_for(policy, record, client)
+    plan = limit_plan(limits) if limits else None
+    if cacheable:
+        if len(policy.plans) >= MAX_PLANS:
+            policy.plans.clear()
+        policy.plans[slot] = (record, plan)
+    return plan
+
+
+def answer_headers(plan: LimitPlan, answer: Answer) -> Headers:
+    """RateLimit-Policy and RateLimit: every policy, and the tightest one's state."""
+    state = b'"%s";r=%d;t=%d' % (plan.names[answer.tightest], answer.remaining, math.ceil(answer.reset_after))
+    return [(b"ratelimit-policy", plan.policy), (b"ratelimit", state)]
 
 
 def _policy_name(bucket: str) -> str:
@@ -234,16 +262,20 @@ class Admission:
         self, policy: AccessPolicy, record: KeyRecord | None, client: str, then: Continue, failed: Failed
     ) -> None:
         name = record.name if record is not None else ""
-        limits = limits_for(policy, record, client) if policy.limited else []
-        if not limits:
+        plan = plan_for(policy, record, client)
+        if plan is None:
             self.stats.count(name, policy.model, "admitted")
             then(AdmissionDecision(0, key_name=name))
             return
-        self._spawn(self._check(limits, name, policy.model, then), failed)
+        answer = self.store.admit_now(plan.buckets)  # the fast path: no await, no task, no future
+        if answer is not None:
+            self._answer(plan, answer, name, policy.model, then)
+            return
+        self._spawn(self._check(plan, name, policy.model, then), failed)
 
-    async def _check(self, limits: list[Bucket], name: str, model: str, then: Continue) -> None:
+    async def _check(self, plan: LimitPlan, name: str, model: str, then: Continue) -> None:
         try:
-            [(admitted, verdicts)] = await self.store.check_limits([limits])
+            answer = await self.store.admit(plan.buckets)
             self.store_up = True
         except StoreUnavailable as exc:
             self._store_failed(exc)
@@ -254,15 +286,18 @@ class Admission:
                 return
             self.stats.fail_open += 1
             share = max(1, self.live_processes)
-            local = [Bucket(lim.bucket, lim.rate / share, max(1, lim.burst // share)) for lim in limits]
-            [(admitted, verdicts)] = await self._local.check_limits([local])
-            limits = local
-        headers = rate_limit_headers(limits, verdicts)
-        if admitted:
+            local = [Bucket(x.bucket, x.rate / share, max(1, x.burst // share)) for x in plan.buckets]
+            plan = limit_plan(local)
+            answer = self._local.admit_now(plan.buckets)
+        self._answer(plan, answer, name, model, then)
+
+    def _answer(self, plan: LimitPlan, answer: Answer, name: str, model: str, then: Continue) -> None:
+        headers = answer_headers(plan, answer)
+        if answer.admitted:
             self.stats.count(name, model, "admitted")
             then(AdmissionDecision(0, headers=headers, key_name=name))
             return
-        retry = max(1, math.ceil(max(v.retry_after for v in verdicts)))
+        retry = max(1, math.ceil(answer.retry_after))
         headers.append((b"retry-after", str(retry).encode()))
         self.stats.count(name, model, "limited")
         then(AdmissionDecision(429, f"rate limited; retry after {retry}s", headers, name))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway.routing.table import Limit
-from gateway.store.gcra import Bucket, Verdict
+from gateway.store.gcra import Answer, Bucket, Verdict
 
 
 class StoreUnavailable(Exception):
@@ -53,8 +53,19 @@ class Store(Protocol):
 
     url: str
 
+    def admit_now(self, limits: Sequence[Bucket]) -> Answer | None:
+        """One request's all-or-nothing decision over its limits, now, with no I/O; None when it needs the
+        store (then `await admit(limits)`). Admission's fast path: no await, no task, no future."""
+        ...
+
+    async def admit(self, limits: Sequence[Bucket]) -> Answer:
+        """The same decision when `admit_now` could not make it; the requests of a moment share one round
+        trip. Exact across processes (Redis: token leases, gateway.store.leases)."""
+        ...
+
     async def check_limits(self, requests: Sequence[Sequence[Bucket]]) -> list[tuple[bool, list[Verdict]]]:
-        """One all-or-nothing decision per request (each a sequence of limits); one round trip for all."""
+        """One all-or-nothing decision per request (each a sequence of limits), each checked in the store
+        itself; one round trip for all."""
         ...
 
     async def get_key(self, secret_hash: str) -> KeyRecord | None: ...

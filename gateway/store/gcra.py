@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,3 +60,21 @@ def check_all(
         # Nothing is charged; verdicts of buckets that would have admitted still say so.
         return False, list(tats), [verdict for _, _, verdict in results]
     return True, [new_tat for _, new_tat, _ in results], [verdict for _, _, verdict in results]
+
+
+class Answer(NamedTuple):
+    """One request's decision over all its limits, as the headers need it (index: its tightest limit)."""
+
+    admitted: bool
+    tightest: int  # index of the limit with the least left (the one that refused, if refused)
+    remaining: int
+    reset_after: float
+    retry_after: float  # 0 when admitted
+
+
+def summarize(admitted: bool, verdicts: Sequence[Verdict]) -> Answer:
+    """One request's verdicts as one answer: its tightest limit, and how long until it may retry."""
+    tightest = min(range(len(verdicts)), key=lambda i: verdicts[i].remaining)
+    verdict = verdicts[tightest]
+    retry = 0.0 if admitted else max(v.retry_after for v in verdicts)
+    return Answer(admitted, tightest, verdict.remaining, verdict.reset_after, retry)

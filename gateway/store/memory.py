@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from gateway.store.base import HISTORY_LIMIT, KeyRecord, Published, Revoked, coalesced
-from gateway.store.gcra import Bucket, Verdict, check_all
+from gateway.store.gcra import Answer, Bucket, Verdict, check_all, summarize
 
 MIN_SWEEP: Final = 1024  # below this many buckets a sweep would cost more than it saves
 
@@ -32,6 +32,39 @@ class MemoryStore:
         self._leases: dict[str, tuple[str, int, float]] = {}  # name -> (holder, fencing token, expiry)
         self._lease_tokens: dict[str, int] = {}  # name -> the last token handed out
         self._states: dict[str, str] = {}
+
+    def admit_now(self, limits: Sequence[Bucket]) -> Answer:
+        """Always decided at once: the embedded store has no round trip to wait for.
+
+        `gcra.check_all` inlined for the common case, every limit admitting (no Verdict objects, one
+        pass to check and one to charge); a refusal takes `check_all` itself, for its exact verdicts.
+        """
+        now = self._clock()
+        if len(self._tats) >= self._sweep_at:
+            self._sweep(now)
+        tats = self._tats
+        starts = []
+        for limit in limits:
+            tat = tats.get(limit.bucket, 0.0)
+            start = tat if tat > now else now
+            if not start - now <= (limit.burst - 1) * (
+                1.0 / limit.rate
+            ):  # gcra's test, operation for operation
+                _, _, verdicts = check_all([tats.get(x.bucket, 0.0) for x in limits], now, limits)
+                return summarize(False, verdicts)
+            starts.append(start)
+        tightest, remaining, reset = 0, 0, 0.0
+        for i, limit in enumerate(limits):
+            interval = 1.0 / limit.rate
+            start = starts[i]
+            tats[limit.bucket] = start + interval
+            left = int((now + (limit.burst - 1) * interval - start) / interval + 1e-9)
+            if i == 0 or left < remaining:
+                tightest, remaining, reset = i, left, start + interval - now
+        return Answer(True, tightest, remaining, reset, 0.0)
+
+    async def admit(self, limits: Sequence[Bucket]) -> Answer:
+        return self.admit_now(limits)
 
     async def check_limits(self, requests: Sequence[Sequence[Bucket]]) -> list[tuple[bool, list[Verdict]]]:
         now = self._clock()

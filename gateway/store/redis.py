@@ -7,12 +7,14 @@ Failing fast: every operation is bounded by `timeout` (socket timeouts, an overa
 raises `StoreUnavailable`; redis-py's retries are off. redis-py drops a connection that failed; after a
 timeout cancelled a command half-way we drop idle pooled connections too, so nothing broken is reused.
 
-Rate limits: the `check_limits` calls of one event-loop tick share one EVALSHA of `gcra.lua`. A cluster
-script touches one slot only, so a request whose buckets span slots (a key's, a model's) is checked slot group
-by slot group, in the order its limits come, and a later group's denial refunds the earlier charges. Until
-that refund (one round trip later; never, if the timeout strikes first) the earlier buckets hold one request
-too many: a concurrent request may be denied, none is over-admitted. A limit after the denying group is not
-consulted (a denied key never touches its model's shared bucket): its verdict is (True, 0, 0.0, 0.0).
+Rate limits, as admission uses them (`admit_now`, `admit`): token leases, gateway.store.redis_leases.
+Rate limits checked per request (`check_limits`): the calls of one event-loop tick share one EVALSHA of
+`gcra.lua`. A cluster script touches one slot only, so a request whose buckets span slots (a key's, a
+model's) is checked slot group by slot group, in the order its limits come, and a later group's denial
+refunds the earlier charges. Until that refund (one round trip later; never, if the timeout strikes first)
+the earlier buckets hold one request too many: a concurrent request may be denied, none is over-admitted. A
+limit after the denying group is not consulted (a denied key never touches its model's shared bucket): its
+verdict is (True, 0, 0.0, 0.0).
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ from redis.maint_notifications import MaintNotificationsConfig
 from gateway.routing.table import DEFAULT_STORE_TIMEOUT
 from gateway.store.base import KeyRecord, Published, Revoked, StoreUnavailable, redacted
 from gateway.store.gcra import Bucket, Verdict, check_all
+from gateway.store.leases import Answer
 from gateway.store.redis_layout import (
     CHANNEL,
     DELETE_KEY,
     GCRA,
+    GCRA_LEASE,
     GET_STATS,
     HEARTBEAT,
     HEARTBEATS,
@@ -61,6 +65,7 @@ from gateway.store.redis_layout import (
     load_record,
     state_key,
 )
+from gateway.store.redis_leases import LeasedLimits
 from gateway.store.registry_layout import ADD_EVENT, HISTORY_LIMIT, REGISTER, history_key, versions_key
 
 log = logging.getLogger(__name__)
@@ -137,8 +142,20 @@ class RedisStore:
         else:
             raise ValueError(f"not a Redis URL: {self._where}")
         self._client: Redis | RedisCluster = self._cluster or self._new_client(0)
+        self.leases = LeasedLimits(self._lease_call, self._slot)
 
-    # ---- rate limits ----
+    # ---- rate limits through leases (gateway.store.redis_leases), what admission uses ----
+
+    def admit_now(self, limits: Sequence[Bucket]) -> Answer | None:
+        return self.leases.admit_now(limits)
+
+    async def admit(self, limits: Sequence[Bucket]) -> Answer:
+        return await self.leases.admit(limits)
+
+    async def _lease_call(self, keys: list[str], args: list[str | int]) -> Any:
+        return await self._guard("lease", self._eval(GCRA_LEASE, keys, args))
+
+    # ---- rate limits, one exact check per request ----
 
     async def check_limits(self, requests: Sequence[Sequence[Bucket]]) -> list[LimitAnswer]:
         if not requests:
@@ -337,9 +354,11 @@ class RedisStore:
     # ---- processes, health ----
 
     async def heartbeat(self, process_id: str, ttl: float) -> int:
-        return int(
+        live = int(
             await self._guard("heartbeat", self._eval(HEARTBEAT, [HEARTBEATS], [process_id, repr(ttl)]))
         )
+        self.leases.processes = live  # they share each bucket's LEASE_SHARE
+        return live
 
     # ---- statistics, leases, rollout state ----
 
@@ -407,6 +426,8 @@ class RedisStore:
         return time.perf_counter() - start
 
     async def close(self) -> None:
+        await self.leases.close()
+        await self.leases.give_back()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

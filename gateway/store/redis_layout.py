@@ -42,6 +42,7 @@ class Script:
 
 
 GCRA = Script((Path(__file__).parent / "gcra.lua").read_text())
+GCRA_LEASE = Script((Path(__file__).parent / "gcra_lease.lua").read_text())  # gateway.store.leases
 
 # Give back one interval per charged bucket (KEYS may repeat). A TAT below `now` means "full", so taking an
 # interval off one that was charged from empty is exact too.
