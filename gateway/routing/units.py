@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from fractions import Fraction
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from gateway.stats.kinds import BUCKET_FACTOR
 
@@ -180,6 +180,18 @@ def archive_digest(text: str) -> str:
     return value
 
 
+def _host_and_port(parts: SplitResult, shown: str) -> tuple[str, int | None]:
+    """The host and port (None: not given) of a backend address, with no credentials in it."""
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not contain a user name or password")
+    if not parts.hostname:
+        raise ValueError(f"has no host: {shown}")
+    try:
+        return parts.hostname, parts.port
+    except ValueError:
+        raise ValueError(f"has an invalid port: {shown}") from None
+
+
 def backend_url(text: str) -> tuple[str, int]:
     parts = urlsplit(text.strip())
     scheme = parts.scheme.lower()
@@ -189,21 +201,14 @@ def backend_url(text: str) -> tuple[str, int]:
         raise ValueError("uses https, which is not supported yet; use an http:// URL")
     if scheme != "http" or not parts.netloc:
         raise ValueError(f"must be an http:// URL like http://127.0.0.1:8000, not {shown}")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError("must not contain a user name or password")
-    if not parts.hostname:
-        raise ValueError(f"has no host: {shown}")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"has an invalid port: {shown}") from None
+    hostname, port = _host_and_port(parts, shown)
     if port == 0:
         raise ValueError(f"has an invalid port: {shown}")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError(
             f"must be just http://HOST:PORT; the gateway adds the KServe v2 paths itself, not {shown}"
         )
-    return parts.hostname, port or 80
+    return hostname, port or 80
 
 
 def grpc_url(text: str) -> tuple[str, int]:
@@ -216,19 +221,12 @@ def grpc_url(text: str) -> tuple[str, int]:
     if sep and scheme.lower() != "grpc":
         raise ValueError(f"must be grpc://HOST:PORT or HOST:PORT like 127.0.0.1:8001, not {shown}")
     parts = urlsplit(stripped if sep else "grpc://" + stripped)
-    if parts.username is not None or parts.password is not None:
-        raise ValueError("must not contain a user name or password")
-    if not parts.hostname:
-        raise ValueError(f"has no host: {shown}")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"has an invalid port: {shown}") from None
+    hostname, port = _host_and_port(parts, shown)
     if not port:
         raise ValueError(f"needs a port (Triton's gRPC port is 8001 by default): {shown}")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError(f"must be just HOST:PORT; gRPC names its methods itself, not {shown}")
-    return parts.hostname, port
+    return hostname, port
 
 
 def at_least_one(text: str) -> int:
