@@ -162,10 +162,10 @@ def main() -> int:
         print(f"gRPC:    127.0.0.1:{args.grpc_port}  (tritonclient.grpc, KServe v2 GRPCInferenceService)")
         print(f"admin:   {admin}/api/status  (metrics: /metrics, API: /openapi.json)")
         print(f"         token: $GATEWAY_ADMIN_TOKEN, or the file {state_dir / 'admin-token'}")
-        print(f"dashboard: {dashboard_url(admin, state_dir)}")
-        print("           (`make demo` in another terminal sends traffic, then makes the canary fail)")
         connect = f"--admin {admin} --state-dir {state_dir}"
         print(f"         try: .venv/bin/gateway versions list fraud-detector {connect}")
+        print(f"dashboard: {dashboard_url(admin, state_dir)}")
+        print("           (`make demo` in another terminal sends traffic, then makes the canary fail)")
         print("press Ctrl-C to stop\n", flush=True)
         while not stop.wait(0.5):
             if gateway.poll() is not None:
