@@ -207,7 +207,9 @@ def test_no_window_admits_more_than_the_limit_across_two_workers(
     assert sum(hammer.statuses.values()) / 6 >= 1.3 * rate, hammer.statuses  # hammered above the limit
     assert over_admission(hammer.admitted, rate, burst) == 0
     assert hammer.statuses[200] >= 0.8 * rate * 6, hammer.statuses  # and not far under it either
-    assert calls < hammer.statuses[200] / 2, (calls, hammer.statuses)  # leases, not a call per request
+    # Leases, not a call per request: a check per request would make one script call for every request,
+    # admitted or refused; refills, keep-alives and give-backs stay far below that (about 0.08 here).
+    assert calls < sum(hammer.statuses.values()) / 4, (calls, hammer.statuses)
 
 
 def _script_calls(server: RedisServer) -> int:
