@@ -3,12 +3,38 @@
 gRPC metadata keys are lower-case ASCII (they are HTTP/2 header names), so `authorization`,
 `x-api-key`, `x-model-version`, `x-request-id` and a model's sticky header are found exactly as over
 HTTP/1.1. Binary (`-bin`) metadata is left out: no step reads any.
+The pipeline's steps answer through callbacks (they run inside the HTTP parser's); `settled` turns one
+into a future a gRPC handler can await.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import asyncio
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+Then = Callable[[T], None]
+Crashed = Callable[[BaseException], None]
+
+
+def settled(start: Callable[[Then[T], Crashed], None]) -> asyncio.Future[T]:
+    """Start a callback-style step (`start(then, crashed)`); the future holds its result or exception.
+
+    The first answer settles it: a second call of either callback is ignored, never an error.
+    """
+    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+    def then(result: T) -> None:
+        if not future.done():
+            future.set_result(result)
+
+    def crashed(exc: BaseException) -> None:
+        if not future.done():
+            future.set_exception(exc)
+
+    start(then, crashed)
+    return future
 
 
 def peer_host(peer: str) -> str:

@@ -30,7 +30,7 @@ import grpc
 
 from gateway.access.admission import AdmissionDecision
 from gateway.grpc import protowire, statuses
-from gateway.grpc.caller import GrpcCaller
+from gateway.grpc.caller import GrpcCaller, settled
 from gateway.grpc.channels import BackendChannel, Channels
 from gateway.pipeline import steps
 from gateway.pipeline.errors import Refusal
@@ -185,18 +185,7 @@ class Inference:
         )
 
     def _plan(self, snapshot: Any, target: Target, caller: GrpcCaller) -> asyncio.Future[Plan | Refusal]:
-        future: asyncio.Future[Plan | Refusal] = asyncio.get_running_loop().create_future()
-
-        def then(result: Plan | Refusal) -> None:
-            if not future.done():
-                future.set_result(result)
-
-        def crashed(exc: BaseException) -> None:
-            if not future.done():
-                future.set_exception(exc)
-
-        self.pipeline.plan(snapshot, target, caller, then, crashed)
-        return future
+        return settled(lambda then, crashed: self.pipeline.plan(snapshot, target, caller, then, crashed))
 
     # -- ModelInfer --------------------------------------------------------------------------------
 
@@ -383,12 +372,7 @@ class Inference:
         admission = self.pipeline.admission
         if admission is None or model is None or not model.admission_needed:
             return None
-        future: asyncio.Future[AdmissionDecision] = asyncio.get_running_loop().create_future()
-
-        def crashed(exc: BaseException) -> None:
-            if not future.done():
-                future.set_exception(exc)
-
-        admission.admit(model.access, caller, future.set_result, crashed)
-        decision = await future
+        decision: AdmissionDecision = await settled(
+            lambda then, crashed: admission.admit(model.access, caller, then, crashed)
+        )
         return steps.admission_refusal(decision) if decision.status else None

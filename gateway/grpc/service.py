@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2
 
 from gateway import __version__
 from gateway.grpc import statuses
-from gateway.grpc.caller import GrpcCaller
+from gateway.grpc.caller import GrpcCaller, settled
 from gateway.grpc.channels import SERVICE, Channels
 from gateway.grpc.infer import Inference, Mirrors
 from gateway.pipeline import steps
@@ -190,15 +190,10 @@ class GrpcFrontDoor:
         snapshot = self.pipeline.snapshot
         if not snapshot.table.keys.required:
             return
-        future: asyncio.Future[ModelRoute | Refusal] = asyncio.get_running_loop().create_future()
-
-        def crashed(exc: BaseException) -> None:
-            if not future.done():
-                future.set_exception(exc)
-
         caller = GrpcCaller(context.invocation_metadata(), context.peer())
-        self.pipeline.authorize(snapshot, target, caller, future.set_result, crashed)
-        result = await future
+        result: ModelRoute | Refusal = await settled(
+            lambda then, crashed: self.pipeline.authorize(snapshot, target, caller, then, crashed)
+        )
         if isinstance(result, Refusal):
             await self.abort(context, result, steps.request_id(caller.header(b"x-request-id")))
 
